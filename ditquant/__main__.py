@@ -1,0 +1,3 @@
+from ditquant.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""LightningDataModule serving the calibration set (fit) and the seeded evaluation sample indices (test)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, calibration_path, collate_pairs,
+                                          load_calibration_set, record_calibration_set, save_calibration_set)
+from ditquant.diffusion.samplers import SamplerConfig
+from ditquant.models.loading import DiTSource, load_dit
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationIndices(Dataset):
+    """Sample i of the evaluation set: its label (classes in turn, so every class is equally represented)."""
+
+    def __init__(self, num_samples: int, num_classes: int):
+        self.num_samples, self.num_classes = num_samples, num_classes
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(i), "y": torch.tensor(i % self.num_classes)}
+
+
+class CalibrationData(L.LightningDataModule):
+    """Builds (or reuses) the timestep-stratified calibration set of the FP model and serves it.
+
+    Args:
+        dit: the FP model (linked from ``model.dit``).
+        sampler: the FP sampler recorded from (linked from ``model.sampler``: the papers calibrate with their
+            evaluation sampler).
+        num_timesteps: N recorded sampling steps (PTQ4DiT: 25 at 256 px, 10 at 512 px).
+        samples_per_timestep: M trajectories (PTQ4DiT: 32).
+        seed: seeds classes and noise of the calibration trajectories.
+        classes: restrict calibration classes (default: all).
+        batch_size: calibration entries per batch (a guidance pair counts once and yields two rows).
+        cache_dir: where calibration files live; a file is reused when its recipe matches.
+        num_test_samples: images sampled by ``ditquant test``.
+        test_batch_size: images per test batch (results do not depend on it: noise is seeded per image).
+    """
+
+    def __init__(self, dit: DiTSource = DiTSource(), sampler: SamplerConfig = SamplerConfig(),
+                 num_timesteps: int = 25, samples_per_timestep: int = 32, seed: int = 0,
+                 classes: Optional[list[int]] = None, batch_size: int = 32, cache_dir: str = "runs/calibration",
+                 num_test_samples: int = 1000, test_batch_size: int = 250):
+        super().__init__()
+        self.dit = dit
+        self.recipe_args = dict(sampler=sampler, num_timesteps=num_timesteps,
+                                samples_per_timestep=samples_per_timestep, seed=seed,
+                                classes=tuple(classes) if classes is not None else None)
+        CalibrationRecipe(model="", **self.recipe_args)  # validate options before any work
+        self.batch_size = batch_size
+        self.cache_dir = Path(cache_dir)
+        self.num_test_samples = num_test_samples
+        self.test_batch_size = test_batch_size
+        self.calibration: Optional[CalibrationSet] = None
+        self.path: Optional[Path] = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.calibration is None:
+            self.calibration = self._load_or_record()
+
+    def _load_or_record(self) -> CalibrationSet:
+        loaded = load_dit(self.dit)
+        recipe = CalibrationRecipe(model=loaded.description, **self.recipe_args)
+        self.path = calibration_path(self.cache_dir, recipe)
+        if self.path.is_file():
+            log.info("reusing calibration set %s", self.path)
+            data = load_calibration_set(self.path, recipe)
+        else:
+            log.info("recording calibration set %s (%d steps x %d samples)", self.path, recipe.num_timesteps,
+                     recipe.samples_per_timestep)
+            c = loaded.config
+            data = record_calibration_set(loaded.transformer, recipe, (c.in_channels, c.input_size, c.input_size))
+            save_calibration_set(data, recipe, self.path)
+        null = loaded.transformer.config.num_embeds_ada_norm
+        del loaded
+        gc.collect()
+        return CalibrationSet(data, null_label=null, guidance=recipe.sampler.cfg_scale > 1.0)
+
+    def train_dataloader(self) -> DataLoader:
+        # Seeded shuffling: the batch order derives from the seed alone, so reruns and resumes see the same batches.
+        gen = torch.Generator().manual_seed(self.recipe_args["seed"])
+        return DataLoader(self.calibration, batch_size=self.batch_size, shuffle=True, generator=gen,
+                          collate_fn=collate_pairs)
+
+    def test_dataloader(self) -> DataLoader:
+        num_classes = self.trainer.lightning_module.dit_config.num_classes
+        return DataLoader(EvaluationIndices(self.num_test_samples, num_classes), batch_size=self.test_batch_size)

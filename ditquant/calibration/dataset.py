@@ -1,0 +1,148 @@
+"""Timestep-stratified calibration sets recorded from the FP model's own sampler (PTQ4DiT §5.1 protocol).
+
+The FP sampler runs ``samples_per_timestep`` trajectories (random classes, seeded) and records the model input x_t
+at ``num_timesteps`` uniformly spaced sampling steps (PTQ4DiT/Q-Diffusion positions ``i * (S // N)``, noisiest
+first). With guidance each entry is served as its pair — (x_t, y) and (x_t, null) — in the same batch, as the model
+sees them at sampling time. The file records its recipe and is reused only when the recipe matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+
+from ditquant.diffusion.samplers import SamplerConfig, sample
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """What a calibration set is made of; equal recipes give bit-identical files.
+
+    Args:
+        model: description of the FP model (source and architecture) the trajectories come from.
+        sampler: the FP sampler (kind, steps, guidance) — the papers use their evaluation sampler.
+        num_timesteps: N, how many sampling steps are recorded (PTQ4DiT: 25 at 256 px, 10 at 512 px).
+        samples_per_timestep: M, trajectories recorded at each of those steps (PTQ4DiT: 32).
+        seed: seeds the classes, the initial noise and the DDPM step noise.
+        classes: class ids to draw from (None: all classes of the model).
+    """
+
+    model: str
+    sampler: SamplerConfig
+    num_timesteps: int = 25
+    samples_per_timestep: int = 32
+    seed: int = 0
+    classes: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if not 1 <= self.num_timesteps <= self.sampler.num_steps:
+            raise ValueError(f"calibration num_timesteps={self.num_timesteps} must be in [1, sampler.num_steps="
+                             f"{self.sampler.num_steps}]")
+        if self.samples_per_timestep < 1:
+            raise ValueError(f"calibration samples_per_timestep must be >= 1, got {self.samples_per_timestep}")
+
+    def step_positions(self) -> list[int]:
+        stride = self.sampler.num_steps // self.num_timesteps
+        return [i * stride for i in range(self.num_timesteps)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def record_calibration_set(model: torch.nn.Module, recipe: CalibrationRecipe, latent_shape: tuple[int, int, int],
+                           batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Run the FP sampler and record x_t at the recipe's steps: xs (N, M, C, H, W), ts (N,), ys (M,)."""
+    device = next(model.parameters()).device
+    num_classes = model.config.num_embeds_ada_norm
+    classes = torch.tensor(recipe.classes if recipe.classes is not None else range(num_classes))
+    if classes.numel() == 0 or classes.min() < 0 or classes.max() >= num_classes:
+        raise ValueError(f"calibration classes must lie in [0, {num_classes}), got {recipe.classes}")
+    gen = torch.Generator().manual_seed(recipe.seed)
+    m = recipe.samples_per_timestep
+    ys = classes[torch.randint(len(classes), (m,), generator=gen)]
+    noise = torch.randn(m, *latent_shape, generator=gen)
+    positions = set(recipe.step_positions())
+    xs, ts = [], []
+    for start in range(0, m, batch_size):
+        chunk = slice(start, start + batch_size)
+        step_gens = [torch.Generator(device).manual_seed(recipe.seed * 1_000_003 + start + i)
+                     for i in range(noise[chunk].shape[0])]
+        recorded, times = [], []
+
+        def on_step(i, t, x):
+            if i in positions:
+                recorded.append(x.cpu())
+                times.append(t)
+
+        sample(model, noise[chunk].to(device), ys[chunk].to(device), recipe.sampler, step_gens, on_step)
+        xs.append(torch.stack(recorded))
+        ts = times
+    return {"xs": torch.cat(xs, dim=1).contiguous(), "ts": torch.tensor(ts, dtype=torch.long), "ys": ys}
+
+
+def calibration_path(directory: Path, recipe: CalibrationRecipe) -> Path:
+    return Path(directory) / f"calib-{recipe.digest()}.safetensors"
+
+
+def save_calibration_set(data: dict[str, torch.Tensor], recipe: CalibrationRecipe, path: Path) -> None:
+    """Write atomically, with the recipe in the safetensors metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(data, str(tmp), metadata={"recipe": recipe.to_json()})
+    os.replace(tmp, path)
+
+
+def load_calibration_set(path: Path, recipe: Optional[CalibrationRecipe] = None) -> dict[str, torch.Tensor]:
+    """Load a calibration file; with a recipe, refuse a file recorded with a different one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = (f.metadata() or {}).get("recipe")
+        data = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read calibration file ({exc})") from None
+    if missing := {"xs", "ts", "ys"} - set(data):
+        raise ValueError(f"{path}: not a calibration file (missing {sorted(missing)})")
+    if recipe is not None and stored != recipe.to_json():
+        raise ValueError(f"{path}: recorded with a different recipe\n  file:   {stored}\n  wanted: {recipe.to_json()}")
+    return data
+
+
+class CalibrationSet(Dataset):
+    """(x_t, t, y) entries; with guidance each index yields its conditional/null pair (2 rows)."""
+
+    def __init__(self, data: dict[str, torch.Tensor], null_label: int, guidance: bool):
+        self.xs, self.ts, self.ys = data["xs"], data["ts"], data["ys"]
+        self.null_label = null_label
+        self.guidance = guidance
+        self.num_timesteps, self.per_timestep = self.xs.shape[:2]
+
+    def __len__(self) -> int:
+        return self.num_timesteps * self.per_timestep
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        step, j = divmod(index, self.per_timestep)
+        x, t, y = self.xs[step, j], self.ts[step], self.ys[j]
+        if not self.guidance:
+            return {"x": x[None], "t": t[None], "y": y[None]}
+        return {"x": torch.stack([x, x]), "t": torch.stack([t, t]), "y": torch.stack([y, torch.tensor(self.null_label)])}
+
+
+def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Concatenate entries (each one row, or a cond/null pair) into one batch."""
+    return {k: torch.cat([it[k] for it in items]) for k in items[0]}

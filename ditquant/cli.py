@@ -1,0 +1,52 @@
+"""``ditquant fit | test``: LightningCLI over DiTQuantization + CalibrationData, configured by YAML.
+
+Configs compose by repeating ``--config`` (e.g. a model config, then a method config). ``test`` without
+``--ckpt_path`` uses ``<trainer.default_root_dir>/checkpoints/last.ckpt`` written by ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from ditquant.calibration.datamodule import CalibrationData
+from ditquant.task import DiTQuantization
+
+
+class DitQuantCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "test": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.dit", "data.dit")
+        parser.link_arguments("model.sampler", "data.sampler")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                              compute_fn=lambda root: str(Path(root) / "checkpoints"))
+
+    def before_test(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") is None and self.model.quant is not None:
+            last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                sys.exit(f"ditquant test: no checkpoint at {last}; run `ditquant fit` with the same --config first "
+                         f"or pass --ckpt_path")
+            config["ckpt_path"] = str(last)
+
+
+def main(args=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    DitQuantCLI(DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
+                trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},
+                save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Paired, seeded evaluation sampling: the quantized and FP models denoise the same noise with the same step noise.
+
+Sample i always gets the noise seeded by (seed, i), so results do not depend on batch size or on which process
+draws it, and quantized-vs-FP comparisons (PSNR, paired FID) compare like with like.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.models.dit import DiTConfig
+from ditquant.quant.modules import quant_disabled
+
+log = logging.getLogger(__name__)
+FEATURES = ("auto", "fashion-mnist", "inception", "none")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What ``ditquant test`` measures.
+
+    Args:
+        seed: seeds every sample's initial and step noise (sample i: seed, i).
+        fid_features: feature extractor for FID against data: ``fashion-mnist`` (the bundled domain classifier),
+            ``inception`` (needs the optional extra ``ditquant[inception]``), ``none``, or ``auto`` (the
+            domain classifier for the bundled model, Inception otherwise, skipped with a warning if unavailable).
+        compare_fp: also sample the FP model with the same noise: FID and PSNR of quantized vs FP.
+        grid_per_class: samples per class in the PNG grid (one row per class, up to 16 classes).
+    """
+
+    seed: int = 0
+    fid_features: Literal["auto", "fashion-mnist", "inception", "none"] = "auto"
+    compare_fp: bool = True
+    grid_per_class: int = 10
+
+    def __post_init__(self):
+        if self.fid_features not in FEATURES:
+            raise ValueError(f"evaluation.fid_features must be one of {FEATURES}, got {self.fid_features!r}")
+
+
+def seeded_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, stream: int) -> torch.Tensor:
+    """Noise for each sample index from its own generator (stream 0: initial noise; 1: step noise)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+        (seed * 1_000_003 + int(i)) * 2 + stream)) for i in indices])
+
+
+def step_generators(indices: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed((seed * 1_000_003 + int(i)) * 2 + 1) for i in indices]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, the layout of ADM's sample archives."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Path) -> None:
+    """A PNG with one row per class (first ``per_class`` samples of each)."""
+    rows = []
+    for c in sorted(set(labels.tolist()))[:16]:
+        picked = images[labels == c][:per_class]
+        if len(picked) < per_class:
+            continue
+        rows.append(np.concatenate(list(picked), axis=1))
+    if not rows:
+        return
+    grid = np.concatenate(rows, axis=0)
+    mode = "L" if grid.shape[-1] == 1 else "RGB"
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class SampleEvaluator:
+    """Accumulates samples and metrics over the test batches; ``finish`` computes and writes everything."""
+
+    def __init__(self, config: EvaluationConfig, sampler: SamplerConfig, dit: DiTConfig, source, vae=None,
+                 latent_scale: float = 1.0, compare_fp: bool = True):
+        self.config, self.sampler, self.dit, self.source = config, sampler, dit, source
+        self.vae, self.latent_scale = vae, latent_scale
+        self.compare_fp = compare_fp and config.compare_fp
+        self.fid = self._make_fid()
+        self.paired = self._make_fid(paired=True) if self.compare_fp else None
+        self.images, self.fp_images, self.labels, self.psnr = [], [], [], []
+
+    def _make_fid(self, paired: bool = False):
+        from ditquant.evaluation import metrics
+
+        kind = self.config.fid_features
+        if kind == "auto":
+            kind = "fashion-mnist" if getattr(self.source, "source", None) == "bundled" else "inception"
+        if kind == "none":
+            return None
+        if kind == "fashion-mnist":
+            return metrics.domain_fid_metric() if paired else metrics.domain_fid()
+        try:
+            return metrics.inception_fid(normalize=True)
+        except ImportError as e:
+            if self.config.fid_features == "inception":
+                raise
+            log.warning("FID skipped: %s", e)
+            return None
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents
+        return self.vae.decode(latents / self.latent_scale).sample
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        device = labels.device
+        shape = (self.dit.in_channels, self.dit.input_size, self.dit.input_size)
+        noise = seeded_noise(indices, shape, self.config.seed, 0).to(device)
+        images = self._decode(sample(model, noise, labels, self.sampler,
+                                     step_generators(indices, self.config.seed, device))).clamp(-1, 1)
+        self.images.append(to_uint8(images))
+        self.labels.append(labels.cpu().numpy())
+        if self.fid is not None:
+            self.fid.update(((images + 1) / 2).cpu(), real=False)
+        if self.compare_fp:
+            with quant_disabled(model):
+                fp = self._decode(sample(model, noise, labels, self.sampler,
+                                         step_generators(indices, self.config.seed, device))).clamp(-1, 1)
+            self.fp_images.append(to_uint8(fp))
+            mse = (images - fp).square().flatten(1).mean(1).clamp(min=1e-12)
+            self.psnr.append((10 * torch.log10(4.0 / mse)).cpu())  # data range 2 ([-1, 1])
+            if self.paired is not None:
+                self.paired.update(((fp + 1) / 2).cpu(), real=True)
+                self.paired.update(((images + 1) / 2).cpu(), real=False)
+
+    def finish(self, out_dir: str, label: str) -> dict:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        images, labels = np.concatenate(self.images), np.concatenate(self.labels)
+        metrics: dict = {"label": label, "num_samples": int(len(images)), "sampler": asdict(self.sampler),
+                         "seed": self.config.seed}
+        if self.fid is not None and len(images) >= 2:
+            metrics["fid_vs_data"] = float(self.fid.compute())
+        if self.compare_fp:
+            metrics["psnr_vs_fp"] = float(torch.cat(self.psnr).mean())
+            if self.paired is not None and len(images) >= 2:
+                metrics["fid_vs_fp"] = float(self.paired.compute())
+        tmp = out / "samples.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=images, arr_1=labels)
+        os.replace(tmp, out / "samples.npz")
+        write_grid(images, labels, self.config.grid_per_class, out / "grid.png")
+        if self.compare_fp:
+            write_grid(np.concatenate(self.fp_images), labels, self.config.grid_per_class, out / "grid_fp.png")
+        write_json(metrics, out / "metrics.json")
+        log.info("test metrics: %s", metrics)
+        return metrics

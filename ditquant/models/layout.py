@@ -1,0 +1,49 @@
+"""Where things live in a diffusers DiT: the layer roles quantization configs and methods refer to.
+
+This is the only module that knows diffusers' layer names. Roles:
+
+- ``patch_embed``: the patchifying Conv2d (``pos_embed.proj``).
+- ``timestep_mlp``: the timestep-embedder MLP (diffusers keeps one copy per block, all equal to the original's one).
+- ``adaln``: each block's adaLN modulation linear (``norm1.linear``, 6 chunks: shift/scale/gate for attn and MLP).
+- ``qkv``: ``attn1.to_q``, ``to_k``, ``to_v`` (three linears reading the same post-adaLN input).
+- ``attn_out``: ``attn1.to_out.0``; ``fc1``: ``ff.net.0.proj``; ``fc2``: ``ff.net.2``.
+- ``final_adaln``: ``proj_out_1``; ``final_linear``: ``proj_out_2``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+ROLE_PATTERNS = {
+    "patch_embed": ("pos_embed.proj",),
+    "timestep_mlp": ("transformer_blocks.*.norm1.emb.timestep_embedder.linear_1",
+                     "transformer_blocks.*.norm1.emb.timestep_embedder.linear_2"),
+    "adaln": ("transformer_blocks.*.norm1.linear",),
+    "qkv": ("transformer_blocks.*.attn1.to_q", "transformer_blocks.*.attn1.to_k", "transformer_blocks.*.attn1.to_v"),
+    "attn_out": ("transformer_blocks.*.attn1.to_out.0",),
+    "fc1": ("transformer_blocks.*.ff.net.0.proj",),
+    "fc2": ("transformer_blocks.*.ff.net.2",),
+    "final_adaln": ("proj_out_1",),
+    "final_linear": ("proj_out_2",),
+}
+ROLES = tuple(ROLE_PATTERNS)
+BLOCK_LINEAR_ROLES = ("qkv", "attn_out", "fc1", "fc2")
+
+
+def role_of(name: str) -> str | None:
+    """The role of a module name, or None for modules no role covers."""
+    for role, patterns in ROLE_PATTERNS.items():
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            return role
+    return None
+
+
+def layers_by_role(model: nn.Module, roles) -> dict[str, nn.Module]:
+    """Name -> module for every Linear/Conv2d of ``model`` whose role is in ``roles``, in forward order."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown layer role(s) {sorted(unknown)}; known roles: {', '.join(ROLES)}")
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and role_of(name) in roles}

@@ -1,0 +1,1 @@
+"""Fake-quantization primitives, quantized modules and the config that places them on a DiT."""

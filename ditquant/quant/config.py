@@ -1,0 +1,63 @@
+"""QuantConfig: which DiT layers are quantized, and how (data, YAML-friendly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ditquant.models.layout import ROLES
+from ditquant.quant.spec import QuantSpec
+
+ALL_ROLES = list(ROLES)
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Different specs for the layers of some roles (e.g. keep the final layer at 8 bits).
+
+    Args:
+        roles: layer roles this override applies to.
+        weight: weight spec for those layers (None keeps the default).
+        activation: input-activation spec for those layers (None keeps the default).
+    """
+
+    roles: list[str]
+    weight: Optional[QuantSpec] = None
+    activation: Optional[QuantSpec] = None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a DiT is fake-quantized.
+
+    Args:
+        weight: spec of every quantized layer's weight (the papers: per-channel).
+        activation: spec of every quantized layer's input (the papers: per-tensor, static, asymmetric).
+        roles: layer roles to quantize (see ditquant.models.layout). PTQ4DiT quantizes all of them,
+            Q-DiT and DiTAS only the four block linears (qkv, attn_out, fc1, fc2).
+        overrides: per-role exceptions, applied in order.
+    """
+
+    weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="channel"))
+    activation: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="tensor"))
+    roles: list[str] = field(default_factory=lambda: list(ALL_ROLES))
+    overrides: list[LayerOverride] = field(default_factory=list)
+
+    def __post_init__(self):
+        for where, roles in [("quant.roles", self.roles)] + [("quant.overrides.roles", o.roles) for o in self.overrides]:
+            unknown = sorted(set(roles) - set(ROLES))
+            if unknown:
+                raise ValueError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
+        if self.weight.granularity == "token":
+            raise ValueError("quant.weight.granularity 'token' is for activations; use 'channel' or 'group'")
+
+    def specs_for(self, role: str) -> tuple[QuantSpec, QuantSpec]:
+        weight, activation = self.weight, self.activation
+        for o in self.overrides:
+            if role in o.roles:
+                weight = o.weight or weight
+                activation = o.activation or activation
+        return weight, activation
+
+    def label(self) -> str:
+        return f"W{self.weight.bits}A{self.activation.bits}"

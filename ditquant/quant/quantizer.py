@@ -1,0 +1,122 @@
+"""Uniform affine fake quantization: pure tensor functions and a calibratable quantizer module.
+
+Scales are laid out so that they broadcast against the tensor after ``_grouped`` reshaping:
+weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); activations (..., in) -> per token (..., 1),
+per group (..., in/g, 1); per tensor: a scalar.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditquant.quant.spec import QuantSpec
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point mapping [lo, hi] onto the integer grid of ``spec`` (the range always holds 0)."""
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / spec.qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        zero_point = None
+    scale = scale.clamp(min=1e-8)
+    if zero_point is None:
+        zero_point = (spec.qmin - lo / scale).round()
+    return scale, zero_point
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize with straight-through rounding; gradients flow to x and scale (LSQ-style)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, spec.qmin, spec.qmax)
+    return (q - zero_point) * scale
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
+    """View x so that the last dim holds exactly the elements sharing one scale (tensor: all of them)."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "channel":
+        if not is_weight:
+            raise ValueError("granularity 'channel' is for weights; use 'tensor', 'token' or 'group' for activations")
+        return x.reshape(x.shape[0], -1)
+    if spec.granularity == "token":
+        return x
+    n = x.shape[-1] if not is_weight else x.reshape(x.shape[0], -1).shape[1]
+    if n % spec.group_size:
+        raise ValueError(f"group size {spec.group_size} does not divide the {n} input channels")
+    base = x.reshape(x.shape[0], -1) if is_weight else x
+    return base.reshape(*base.shape[:-1], n // spec.group_size, spec.group_size)
+
+
+def quantize_tensor(x: torch.Tensor, spec: QuantSpec, is_weight: bool, scale=None, zero_point=None) -> torch.Tensor:
+    """Fake-quantize x; with no scale given, the range is x's own min–max (round-to-nearest / dynamic)."""
+    g = _grouped(x, spec, is_weight)
+    if scale is None:
+        scale, zero_point = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
+    return fake_quantize(g, scale, zero_point, spec).reshape(x.shape)
+
+
+class UniformQuantizer(nn.Module):
+    """A fake quantizer for one weight or one activation stream.
+
+    Static quantizers observe min–max ranges while ``observing`` is on (activations, over calibration batches)
+    or from ``init_from(weight)`` (weights); the scale is an ``nn.Parameter`` so reconstruction can learn it.
+    Dynamic quantizers hold no parameters and compute ranges from every input.
+    """
+
+    def __init__(self, spec: QuantSpec, is_weight: bool, scale_shape: tuple[int, ...] = (1, 1)):
+        super().__init__()
+        self.spec = spec
+        self.is_weight = is_weight
+        self.enabled = spec.enabled
+        self.observing = False
+        static = spec.enabled and not spec.dynamic
+        self.scale = nn.Parameter(torch.ones(scale_shape), requires_grad=False) if static else None
+        self.register_buffer("zero_point", torch.zeros(scale_shape) if static else None)
+        self.register_buffer("range_min", torch.full(scale_shape, float("inf")) if static else None)
+        self.register_buffer("range_max", torch.full(scale_shape, float("-inf")) if static else None)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is None or bool(torch.isfinite(self.range_min).all())
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        g = _grouped(x, self.spec, self.is_weight)
+        if not self.is_weight and self.spec.granularity == "group":  # one range per group, over all tokens
+            g = g.reshape(-1, *g.shape[-2:]).transpose(0, 1).reshape(g.shape[-2], -1)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        self.range_min.copy_(torch.minimum(self.range_min, lo))
+        self.range_max.copy_(torch.maximum(self.range_max, hi))
+        scale, zero_point = qparams_from_range(self.range_min, self.range_max, self.spec)
+        self.scale.data.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def init_from(self, x: torch.Tensor) -> None:
+        """Set the range from one tensor (weights): round-to-nearest min–max."""
+        self.range_min.fill_(float("inf"))
+        self.range_max.fill_(float("-inf"))
+        self.observe(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.spec.dynamic:
+            return quantize_tensor(x, self.spec, self.is_weight)
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.calibrated:
+            raise RuntimeError("static quantizer used before calibration: run calibration (ditquant fit) first")
+        return quantize_tensor(x, self.spec, self.is_weight, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return self.spec.describe()

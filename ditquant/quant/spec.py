@@ -1,0 +1,61 @@
+"""What a quantizer does: bit width, symmetry, granularity and whether it is calibrated or dynamic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+GRANULARITIES = ("tensor", "channel", "group", "token")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A uniform affine quantizer.
+
+    Args:
+        bits: bit width, 2–8; 16 means "not quantized".
+        symmetric: signed grid around zero (no zero point) instead of an asymmetric min–max grid.
+        granularity: one scale per ``tensor``, per output ``channel`` (weights), per ``group`` of ``group_size``
+            contiguous input channels, or per ``token`` (activations, dynamic only).
+        group_size: channels per group when granularity is ``group``.
+        dynamic: scales computed from each input at run time (no calibrated parameters).
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    granularity: Granularity = "tensor"
+    group_size: Optional[int] = None
+    dynamic: bool = False
+
+    def __post_init__(self):
+        if not (2 <= self.bits <= 8 or self.bits == 16):
+            raise ValueError(f"bits must be between 2 and 8 (or 16 = off), got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError("group_size is required with granularity 'group' and only allowed with it "
+                             f"(granularity={self.granularity!r}, group_size={self.group_size})")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.granularity == "token" and not self.dynamic:
+            raise ValueError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "fp"
+        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        kind = "dyn" if self.dynamic else "static"
+        return f"{'s' if self.symmetric else 'a'}{self.bits} {gran} {kind}"
