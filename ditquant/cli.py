@@ -7,6 +7,7 @@ Configs compose by repeating ``--config`` (e.g. a model config, then a method co
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from ditquant.calibration.datamodule import CalibrationData
 from ditquant.task import DiTQuantization
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
+
+
 class DitQuantCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -24,8 +28,6 @@ class DitQuantCLI(LightningCLI):
                 "test": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.dit", "data.dit")
-        parser.link_arguments("model.sampler", "data.sampler")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
@@ -43,9 +45,15 @@ class DitQuantCLI(LightningCLI):
 
 def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    DitQuantCLI(DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
-                trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},
-                save_config_kwargs={"overwrite": True})
+    try:
+        DitQuantCLI(DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
+                    trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},
+                    save_config_kwargs={"overwrite": True})
+    except USER_ERRORS as e:
+        if os.environ.get("DITQUANT_DEBUG"):
+            raise
+        # Bad input (a file, an option, a config that disagrees with the weights): the message says what and where.
+        sys.exit(f"ditquant: error: {e}\n(set DITQUANT_DEBUG=1 for the traceback)")
 
 
 if __name__ == "__main__":

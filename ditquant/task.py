@@ -77,7 +77,7 @@ class DiTQuantization(L.LightningModule):
 
     def on_test_start(self) -> None:
         if self.quant is not None and (missing := uncalibrated_layers(self.transformer)):
-            raise RuntimeError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
+            raise ValueError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
                                "run `ditquant fit` with this config first, or pass --ckpt_path")
         if self.vae is not None:
             self.vae.to(self.device)

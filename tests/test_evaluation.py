@@ -70,7 +70,7 @@ def test_domain_fid_preloads_reference_and_reset_keeps_it():
 def test_noise_is_far_from_reference():
     fid = domain_fid()
     fid.update(torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(0)), real=False)
-    assert float(fid.compute()) > 100.0
+    assert float(fid.compute()) > 50.0  # measured ≈ 130; 1,000 real test images give ≈ 0.4
 
 
 def test_extractor_accepts_what_torchmetrics_may_feed():
@@ -165,8 +165,9 @@ def test_fid_is_small_for_real_images_and_grows_with_degradation(test_split):
         fid = domain_fid()
         fid.update(x, real=False)
         values[name] = float(fid.compute())
-    assert values["test subset"] < 5.0
-    assert values["test subset"] * 5 < values["blurred"] < values["noise"]
+    # Measured: test subset ≈ 0.4, 5x5 box blur ≈ 42, uniform noise ≈ 130.
+    assert values["test subset"] < 2.0
+    assert values["test subset"] * 20 < values["blurred"] < values["noise"]
 
 
 @needs_dataset
@@ -175,4 +176,4 @@ def test_train_subset_close_to_test_reference():
     x = (images[:1000] + 1) / 2
     fid = domain_fid()
     fid.update(x, real=False)
-    assert float(fid.compute()) < 5.0
+    assert float(fid.compute()) < 2.0  # measured ≈ 0.56: train and test images share one distribution

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,15 @@ from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.models.loading import DiTSource, load_dit
 
 log = logging.getLogger(__name__)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of all parameters (exact bytes), cheap next to sampling."""
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class EvaluationIndices(Dataset):
@@ -35,10 +45,10 @@ class EvaluationIndices(Dataset):
 class CalibrationData(L.LightningDataModule):
     """Builds (or reuses) the timestep-stratified calibration set of the FP model and serves it.
 
+    The FP model and the sampler recorded from are the LightningModule's (``model.dit``, ``model.sampler``): the
+    papers calibrate with their evaluation sampler.
+
     Args:
-        dit: the FP model (linked from ``model.dit``).
-        sampler: the FP sampler recorded from (linked from ``model.sampler``: the papers calibrate with their
-            evaluation sampler).
         num_timesteps: N recorded sampling steps (PTQ4DiT: 25 at 256 px, 10 at 512 px).
         samples_per_timestep: M trajectories (PTQ4DiT: 32).
         seed: seeds classes and noise of the calibration trajectories.
@@ -49,16 +59,16 @@ class CalibrationData(L.LightningDataModule):
         test_batch_size: images per test batch (results do not depend on it: noise is seeded per image).
     """
 
-    def __init__(self, dit: DiTSource = DiTSource(), sampler: SamplerConfig = SamplerConfig(),
-                 num_timesteps: int = 25, samples_per_timestep: int = 32, seed: int = 0,
+    def __init__(self, num_timesteps: int = 25, samples_per_timestep: int = 32, seed: int = 0,
                  classes: Optional[list[int]] = None, batch_size: int = 32, cache_dir: str = "runs/calibration",
                  num_test_samples: int = 1000, test_batch_size: int = 250):
         super().__init__()
-        self.dit = dit
-        self.recipe_args = dict(sampler=sampler, num_timesteps=num_timesteps,
+        self.recipe_args = dict(num_timesteps=num_timesteps,
                                 samples_per_timestep=samples_per_timestep, seed=seed,
                                 classes=tuple(classes) if classes is not None else None)
-        CalibrationRecipe(model="", **self.recipe_args)  # validate options before any work
+        if num_timesteps < 1 or samples_per_timestep < 1:
+            raise ValueError(f"data.num_timesteps and data.samples_per_timestep must be >= 1, got {num_timesteps} "
+                             f"and {samples_per_timestep}")
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir)
         self.num_test_samples = num_test_samples
@@ -68,11 +78,15 @@ class CalibrationData(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.calibration is None:
-            self.calibration = self._load_or_record()
+            task = self.trainer.lightning_module
+            self.calibration = self.load_or_record(task.dit_source, task.sampler)
 
-    def _load_or_record(self) -> CalibrationSet:
-        loaded = load_dit(self.dit)
-        recipe = CalibrationRecipe(model=loaded.description, **self.recipe_args)
+    def load_or_record(self, dit: DiTSource, sampler: SamplerConfig) -> CalibrationSet:
+        CalibrationRecipe(model="", sampler=sampler, **self.recipe_args)  # validate before loading the model
+        loaded = load_dit(dit)
+        # The weights' fingerprint is part of the recipe: retrained or edited weights never reuse a stale set.
+        recipe = CalibrationRecipe(model=f"{loaded.description}; weights {weights_fingerprint(loaded.transformer)}",
+                                   sampler=sampler, **self.recipe_args)
         self.path = calibration_path(self.cache_dir, recipe)
         if self.path.is_file():
             log.info("reusing calibration set %s", self.path)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ditquant.evaluation.features import FashionMNISTClassifier
-from ditquant.evaluation.metrics import file_sha256, domain_fid_metric
+from ditquant.evaluation.metrics import domain_fid_metric, file_sha256
 from ditquant.models.bundled import CLASSIFIER_FILE, REFERENCE_STATS_FILE
 from ditquant.models.bundled.fashion_mnist import load_fashion_mnist
 
@@ -49,7 +49,7 @@ def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def train(epochs: int, batch_size: int, lr: float, weight_decay: float, width: int, seed: int, max_shift: int,
           label_smoothing: float, dropout: float, watch: tuple[torch.Tensor, torch.Tensor] | None = None
           ) -> FashionMNISTClassifier:
-    """AdamW with warm-up and cosine decay; ``watch`` is a held-out (images, labels) pair logged after each epoch."""
+    """AdamW with warm-up and cosine decay; ``watch`` is an (images, labels) pair whose accuracy is logged per epoch."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images, labels = load_fashion_mnist("train")
@@ -73,8 +73,8 @@ def train(epochs: int, batch_size: int, lr: float, weight_decay: float, width: i
             opt.step()
             sched.step()
             running += loss.item()
-        held_out = f", held-out accuracy {accuracy(model, *watch):.4f}" if watch is not None else ""
-        print(f"epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.4f}{held_out}", flush=True)
+        watched = f", test accuracy {accuracy(model, *watch):.4f}" if watch is not None else ""
+        print(f"epoch {epoch + 1}/{epochs}: loss {running / steps_per_epoch:.4f}{watched}", flush=True)
     return model.eval()
 
 
@@ -103,7 +103,7 @@ def reference_stats(classifier_file: Path, images: torch.Tensor, batch_size: int
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
