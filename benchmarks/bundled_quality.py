@@ -1,0 +1,54 @@
+"""Quality table of the bundled model: FP and each quantization config, measured by ``ditquant fit/test``.
+
+    python benchmarks/bundled_quality.py configs/rtn_w8a8.yaml configs/rtn_w4a8.yaml [--num-samples 1000]
+
+Runs ``ditquant test --config configs/fp.yaml`` and, per config, ``ditquant fit`` (timed: calibration time) then
+``ditquant test``, each in ``runs/quality/<name>``; prints a markdown table of FID vs data, FID vs FP and PSNR vs
+FP. All sampling is seeded (evaluation seed 0, sample i gets noise (0, i)); the sampler is the config's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def ditquant(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "ditquant", *args], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("configs", nargs="+", type=Path)
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--out", type=Path, default=Path("runs/quality"))
+    args = p.parse_args()
+
+    rows = []
+    for config in [Path("configs/fp.yaml"), *args.configs]:
+        root = args.out / config.stem
+        common = ["--config", str(config), "--trainer.default_root_dir", str(root),
+                  "--data.num_test_samples", str(args.num_samples), "--trainer.enable_progress_bar", "false"]
+        fit_s = None if config.stem == "fp" else ditquant("fit", *common)
+        test_s = ditquant("test", *common)
+        metrics = json.loads((root / "test" / "metrics.json").read_text())
+        rows.append((config.stem, metrics, fit_s, test_s))
+
+    sampler = rows[0][1]["sampler"]
+    print(f"\n{args.num_samples} samples, DDPM {sampler['num_steps']} steps, cfg {sampler['cfg_scale']}, seed 0\n")
+    print("| config | FID vs data | FID vs FP | PSNR vs FP (dB) | calibration time (s) |")
+    print("|---|---|---|---|---|")
+    fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
+    for name, m, fit_s, _ in rows:
+        print(f"| {name} | {fmt(m.get('fid_vs_data'))} | {fmt(m.get('fid_vs_fp'))} | {fmt(m.get('psnr_vs_fp'))} "
+              f"| {fmt(fit_s, '{:.0f}')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from ditquant.models.dit import DiTConfig, build_dit
+from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
+from ditquant.quant.config import LayerOverride, QuantConfig
+from ditquant.quant.modules import observing_activations, quant_disabled, quant_layers
+from ditquant.quant.quantizer import UniformQuantizer, quantize_tensor
+from ditquant.quant.spec import QuantSpec
+
+
+def grid_steps(x, q, scale):
+    return ((q - x).abs() / scale).max()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("granularity,group", [("tensor", None), ("channel", None), ("group", 8)])
+def test_rtn_error_within_half_step(symmetric, granularity, group):
+    torch.manual_seed(0)
+    w = torch.randn(6, 32)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=granularity, group_size=group)
+    q = quantize_tensor(w, spec, is_weight=True)
+    per = {"tensor": w.reshape(1, -1), "channel": w, "group": w.reshape(6, 4, 8)}[granularity]
+    lo, hi = per.amin(-1, keepdim=True).clamp(max=0), per.amax(-1, keepdim=True).clamp(min=0)
+    scale = (torch.maximum(-lo, hi) / 7) if symmetric else (hi - lo) / 15
+    assert (((q.reshape(per.shape) - per).abs() / scale) <= 0.5 + 1e-5).all()
+    levels = {"tensor": 1, "channel": 6, "group": 24}[granularity]
+    assert len(torch.unique(q)) <= levels * 16
+
+
+def test_symmetric_grid_keeps_sign_and_zero():
+    w = torch.tensor([[-1.0, -0.3, 0.0, 0.2, 0.9]])
+    q = quantize_tensor(w, QuantSpec(bits=4, symmetric=True, granularity="channel"), is_weight=True)
+    assert q[0, 2] == 0 and (torch.sign(q) == torch.sign(w)).all()
+
+
+def test_dynamic_per_token_is_batch_independent():
+    spec = QuantSpec(bits=8, granularity="token", dynamic=True)
+    x = torch.randn(4, 10, 16)
+    q = UniformQuantizer(spec, is_weight=False)
+    assert torch.equal(q(x)[:1], q(x[:1]))
+    assert (q(x) - x).abs().max() < x.abs().max() / 100
+
+
+def test_static_activation_range_covers_all_batches():
+    q = UniformQuantizer(QuantSpec(bits=8), is_weight=False)
+    assert not q.calibrated
+    with pytest.raises(RuntimeError, match="before calibration"):
+        q(torch.ones(2))
+    q.observing = True
+    q(torch.tensor([[-1.0, 2.0]]))
+    q(torch.tensor([[0.5, 3.0]]))
+    q.observing = False
+    assert q.range_min.item() == -1.0 and q.range_max.item() == 3.0
+    # Range ends are representable to within half a step (the zero point is rounded so that 0 is exact).
+    step = 4.0 / 255
+    assert torch.allclose(q(torch.tensor([-1.0, 3.0])), torch.tensor([-1.0, 3.0]), atol=step / 2 + 1e-6)
+    assert q(torch.tensor([0.0])).item() == 0.0
+
+
+def test_spec_errors():
+    with pytest.raises(ValueError, match="bits"):
+        QuantSpec(bits=9)
+    with pytest.raises(ValueError, match="group_size"):
+        QuantSpec(granularity="group")
+    with pytest.raises(ValueError, match="dynamic"):
+        QuantSpec(granularity="token")
+    with pytest.raises(ValueError, match="unknown layer role"):
+        QuantConfig(roles=["qkv", "attention"])
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model.eval()
+
+
+def test_quantize_model_roles_fp_switch_and_calibration(tiny):
+    x, t, y = torch.randn(4, 4, 8, 8), torch.tensor([1, 200, 500, 999]), torch.tensor([0, 3, 10, 9])
+    ref = tiny(x, t, y).sample
+    config = QuantConfig(roles=["qkv", "attn_out", "fc1", "fc2"],
+                         overrides=[LayerOverride(roles=["fc2"], weight=QuantSpec(bits=4, granularity="channel"))])
+    quantize_model(tiny, config)
+    names = [m.name for m in quant_layers(tiny)]
+    assert len(names) == 2 * 6 and all("transformer_blocks" in n for n in names)
+    assert {m.weight_quantizer.spec.bits for m in quant_layers(tiny) if m.name.endswith("net.2")} == {4}
+    assert len(uncalibrated_layers(tiny)) == 12
+    with observing_activations(tiny):
+        assert torch.equal(tiny(x, t, y).sample, ref)  # observing runs the FP model
+    assert uncalibrated_layers(tiny) == []
+    with quant_disabled(tiny):
+        assert torch.equal(tiny(x, t, y).sample, ref)
+    out = tiny(x, t, y).sample
+    sqnr = 10 * torch.log10(ref.square().sum() / (out - ref).square().sum())
+    assert 15 < sqnr < 80 and weight_sqnr_db(tiny) > 15
+    assert "fc2" in str(quantization_table(tiny).columns[0]._cells)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(tiny, config)
+
+
+def test_group_size_must_divide(tiny):
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity="group", group_size=24), roles=["fc1"])
+    with pytest.raises(ValueError, match="group size 24 does not divide in_features=32"):
+        quantize_model(tiny, config)
