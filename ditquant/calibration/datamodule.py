@@ -95,7 +95,9 @@ class CalibrationData(L.LightningDataModule):
             log.info("recording calibration set %s (%d steps x %d samples)", self.path, recipe.num_timesteps,
                      recipe.samples_per_timestep)
             c = loaded.config
-            data = record_calibration_set(loaded.transformer, recipe, (c.in_channels, c.input_size, c.input_size))
+            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+            data = record_calibration_set(loaded.transformer.to(device), recipe,
+                                          (c.in_channels, c.input_size, c.input_size))
             save_calibration_set(data, recipe, self.path)
         null = loaded.transformer.config.num_embeds_ada_norm
         del loaded

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
 
 
@@ -99,10 +99,8 @@ def calibration_path(directory: Path, recipe: CalibrationRecipe) -> Path:
 
 def save_calibration_set(data: dict[str, torch.Tensor], recipe: CalibrationRecipe, path: Path) -> None:
     """Write atomically, with the recipe in the safetensors metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(data, str(tmp), metadata={"recipe": recipe.to_json()})
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(data, str(tmp), metadata={"recipe": recipe.to_json()})
 
 
 def load_calibration_set(path: Path, recipe: Optional[CalibrationRecipe] = None) -> dict[str, torch.Tensor]:

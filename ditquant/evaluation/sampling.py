@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.models.dit import DiTConfig
 from ditquant.quant.modules import quant_disabled
@@ -75,15 +75,13 @@ def write_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Pat
         return
     grid = np.concatenate(rows, axis=0)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode).save(tmp, format="PNG")
 
 
 def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 class SampleEvaluator:
@@ -155,10 +153,8 @@ class SampleEvaluator:
             metrics["psnr_vs_fp"] = float(torch.cat(self.psnr).mean())
             if self.paired is not None and len(images) >= 2:
                 metrics["fid_vs_fp"] = float(self.paired.compute())
-        tmp = out / "samples.npz.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(out / "samples.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, arr_0=images, arr_1=labels)
-        os.replace(tmp, out / "samples.npz")
         write_grid(images, labels, self.config.grid_per_class, out / "grid.png")
         if self.compare_fp:
             write_grid(np.concatenate(self.fp_images), labels, self.config.grid_per_class, out / "grid_fp.png")

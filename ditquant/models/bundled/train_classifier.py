@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from ditquant.evaluation.features import FashionMNISTClassifier
 from ditquant.evaluation.metrics import domain_fid_metric, file_sha256
+from ditquant.io import atomic_write
 from ditquant.models.bundled import CLASSIFIER_FILE, REFERENCE_STATS_FILE
 from ditquant.models.bundled.fashion_mnist import load_fashion_mnist
 
@@ -79,16 +80,14 @@ def train(epochs: int, batch_size: int, lr: float, weight_decay: float, width: i
 
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors creates files owner-only; these ship in the wheel
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors creates files owner-only; these ship in the wheel
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 @torch.no_grad()

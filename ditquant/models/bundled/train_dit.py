@@ -1,7 +1,8 @@
 """Train the bundled Fashion-MNIST DiT (resumable; ``python -m ditquant.models.bundled.train_dit --help``).
 
-DiT's recipe at a small scale: adaLN-Zero blocks, learned σ (ε-MSE + VB loss), class dropout 0.1 so
-classifier-free guidance works, AdamW, EMA weights exported. Pixel space, 28x28, patch 4 (49 tokens).
+DiT's recipe at a small scale: DiT's initialisation (adaLN-Zero), one timestep/label embedder shared by all blocks
+(as in the original), learned σ (ε-MSE + VB loss), class dropout 0.1 so classifier-free guidance works, AdamW,
+EMA weights exported. Pixel space, 28x28, patch 4 (49 tokens).
 A checkpoint with model, EMA, optimizer, step and RNG state is written atomically every ``--save-every`` steps,
 and the EMA weights are exported to the bundled diffusers folder each time.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ditquant.diffusion.training import DiffusionLoss
+from ditquant.io import atomic_write
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.bundled.fashion_mnist import load_fashion_mnist
 from ditquant.models.dit import DiTConfig, build_dit
@@ -25,16 +27,39 @@ BUNDLED_CONFIG = DiTConfig(hidden_size=128, depth=8, num_heads=4, patch_size=4, 
                            num_classes=10, learn_sigma=True, class_dropout_prob=0.1)
 
 
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def tie_embedders(model: torch.nn.Module) -> None:
+    """One timestep/label embedder for all blocks, as in the original DiT (diffusers keeps a copy per block)."""
+    shared = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = shared
+
+
+@torch.no_grad()
+def initialize_like_dit(model: torch.nn.Module) -> None:
+    """DiT's ``initialize_weights``: xavier linears, N(0, 0.02) embedders, adaLN-Zero (modulation and output zero)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+    proj = model.pos_embed.proj
+    torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    torch.nn.init.zeros_(proj.bias)
+    emb = model.transformer_blocks[0].norm1.emb
+    torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+    torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+    torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+    for layer in [b.norm1.linear for b in model.transformer_blocks] + [model.proj_out_1, model.proj_out_2]:
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
 
 
 def export(ema: torch.nn.Module, out_dir: Path) -> None:
-    """Write EMA weights as a diffusers folder (written beside, then swapped in)."""
+    """Write EMA weights as a diffusers folder (written beside, then swapped in); tied embedders become copies."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    ema.save_pretrained(tmp, safe_serialization=True)
+    untied = copy.deepcopy(ema)
+    for block in untied.transformer_blocks[1:]:
+        block.norm1.emb = copy.deepcopy(untied.transformer_blocks[0].norm1.emb)
+    untied.save_pretrained(tmp, safe_serialization=True)
     if out_dir.exists():
         for f in out_dir.iterdir():
             f.unlink()
@@ -44,7 +69,7 @@ def export(ema: torch.nn.Module, out_dir: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=3200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=200)
@@ -60,6 +85,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     images, labels = load_fashion_mnist("train")
     model = build_dit(BUNDLED_CONFIG).train()
+    tie_embedders(model)
+    initialize_like_dit(model)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     loss_fn = DiffusionLoss()
@@ -89,16 +116,18 @@ def main(argv=None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights fade out quickly
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - args.ema)
+                pe.lerp_(pm, 1 - decay)
         step += 1
         running += loss.item()
         if step % 50 == 0:
             print(f"step {step} loss {running / 50:.4f} {(time.time() - start) / 50:.2f}s/step", flush=True)
             start, running = time.time(), 0.0
         if step % args.save_every == 0 or step == args.steps:
-            atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                         "step": step, "rng": torch.get_rng_state()}, args.checkpoint)
+            with atomic_write(args.checkpoint) as tmp:
+                torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                            "step": step, "rng": torch.get_rng_state()}, tmp)
             export(ema, args.out)
 
 
