@@ -56,6 +56,14 @@ class DiTQuantization(L.LightningModule):
             quantize_model(self.transformer, self.quant)
             Console(stderr=True).print(quantization_table(self.transformer))
 
+    def train(self, mode: bool = True) -> "DiTQuantization":
+        # Lightning switches to train mode for fit; the DiT must keep inference behaviour (its class-label dropout
+        # would otherwise replace calibration labels with the null label at random).
+        super().train(mode)
+        if self.transformer is not None:
+            self.transformer.eval()
+        return self
+
     # ---- fit: round-to-nearest weights, activation ranges observed on the calibration set ----
 
     def configure_optimizers(self):

@@ -67,6 +67,16 @@ def test_fit_then_test_on_bundled_model(tmp_path):
 
 
 @needs_bundled
+def test_dit_stays_in_inference_mode_during_fit():
+    from ditquant.task import DiTQuantization
+
+    task = DiTQuantization()
+    task.configure_model()
+    task.train()
+    assert not any(m.training for m in task.transformer.modules())  # no class-label dropout while calibrating
+
+
+@needs_bundled
 def test_test_without_fit_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         main(["test", "--config", "configs/rtn_w8a8.yaml", "--trainer.default_root_dir", str(tmp_path / "none")])
