@@ -106,3 +106,66 @@ def test_group_size_must_divide(tiny):
     config = QuantConfig(weight=QuantSpec(bits=4, granularity="group", group_size=24), roles=["fc1"])
     with pytest.raises(ValueError, match="group size 24 does not divide in_features=32"):
         quantize_model(tiny, config)
+
+
+def heavy_tailed(rows=8, n=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g)
+    x[:, 0] = 40.0  # one outlier per row
+    return x
+
+
+def test_percentile_clips_outliers_minmax_keeps_them():
+    from ditquant.quant.observers import minmax_range, percentile_range
+
+    x = heavy_tailed()
+    lo, hi = percentile_range(x, 0.99)
+    assert (hi < 5).all() and (lo > -5).all()
+    assert (minmax_range(x)[1] == 40).all()
+
+
+def test_mse_search_never_worse_than_minmax_and_vectorised():
+    from ditquant.quant.observers import lp_search_range
+
+    x = heavy_tailed()
+    spec = QuantSpec(bits=4, granularity="channel", init="mse")
+
+    def err(lo, hi):
+        from ditquant.quant.affine import fake_quantize, qparams_from_range
+
+        scale, zp = qparams_from_range(lo, hi, spec)
+        return (fake_quantize(x, scale, zp, spec) - x).abs().pow(2.4).sum(-1)
+
+    lo, hi = lp_search_range(x, spec)
+    base = err(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+    assert (err(lo, hi) <= base + 1e-6).all() and (err(lo, hi) < base).any()
+    one_row = lp_search_range(x[3:4], spec)  # rows are independent: same answer alone
+    assert torch.equal(one_row[1], hi[3:4])
+
+
+@pytest.mark.parametrize("init", ["percentile", "mse"])
+def test_static_activation_init_from_observed_sample(init):
+    spec = QuantSpec(bits=4, init=init, percentile=0.99)  # 0.2 % of the values are outliers
+    q = UniformQuantizer(spec, is_weight=False)
+    minmax = UniformQuantizer(QuantSpec(bits=4), is_weight=False)
+    batches = [heavy_tailed(seed=s) for s in range(3)]
+    for quant in (q, minmax):
+        quant.observing = True
+        for b in batches:
+            quant(b)
+        quant.observing = False
+        quant.finish_observing()
+    assert q.range_max.item() < minmax.range_max.item() == 40.0
+    x = torch.cat(batches)
+    assert (q(x) - x).square().mean() < (minmax(x) - x).square().mean()
+
+
+def test_weight_init_methods(tiny):
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity="channel", init="mse"), roles=["fc1"])
+    mse = weight_sqnr_db(quantize_model(tiny, config))
+    rtn_model = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
+    rtn_model.load_state_dict({k.replace(".layer.", "."): v for k, v in tiny.state_dict().items()
+                               if "quantizer" not in k})
+    rtn = weight_sqnr_db(quantize_model(rtn_model, QuantConfig(weight=QuantSpec(bits=4, granularity="channel"),
+                                                               roles=["fc1"])))
+    assert mse > rtn

@@ -91,3 +91,4 @@ def observing_activations(model: nn.Module):
         finally:
             for q in quantizers:
                 q.observing = False
+                q.finish_observing()

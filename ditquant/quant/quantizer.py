@@ -1,4 +1,5 @@
-"""Uniform affine fake quantization: pure tensor functions and a calibratable quantizer module.
+"""The calibratable fake quantizer: static ranges (weights: from the tensor; activations: observed over the
+calibration set) or dynamic ones (computed from every input).
 
 Scales are laid out so that they broadcast against the tensor after ``_grouped`` reshaping:
 weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); activations (..., in) -> per token (..., 1),
@@ -10,33 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditquant.quant.affine import fake_quantize, qparams_from_range
+from ditquant.quant.observers import search_range
 from ditquant.quant.spec import QuantSpec
 
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round with a straight-through gradient."""
-    return (x.round() - x).detach() + x
-
-
-def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point mapping [lo, hi] onto the integer grid of ``spec`` (the range always holds 0)."""
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    if spec.symmetric:
-        scale = torch.maximum(-lo, hi) / spec.qmax
-        zero_point = torch.zeros_like(scale)
-    else:
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
-        zero_point = None
-    scale = scale.clamp(min=1e-8)
-    if zero_point is None:
-        zero_point = (spec.qmin - lo / scale).round()
-    return scale, zero_point
-
-
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize with straight-through rounding; gradients flow to x and scale (LSQ-style)."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, spec.qmin, spec.qmax)
-    return (q - zero_point) * scale
+SAMPLES_PER_BATCH = 1 << 16  # values kept per row and observed batch (percentile / mse activation init)
+MAX_SAMPLES = 1 << 20  # values kept per row in all
 
 
 def _grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
@@ -83,6 +63,9 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(scale_shape) if static else None)
         self.register_buffer("range_min", torch.full(scale_shape, float("inf")) if static else None)
         self.register_buffer("range_max", torch.full(scale_shape, float("-inf")) if static else None)
+        # Observed values for percentile / mse activation ranges: transient, bounded, seeded.
+        self._samples: list[torch.Tensor] = []
+        self._sampler = torch.Generator().manual_seed(0)
 
     @property
     def calibrated(self) -> bool:
@@ -90,21 +73,44 @@ class UniformQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Accumulate the range of an activation batch; non-minmax inits also keep a bounded sample of values."""
         g = _grouped(x, self.spec, self.is_weight)
         if not self.is_weight and self.spec.granularity == "group":  # one range per group, over all tokens
             g = g.reshape(-1, *g.shape[-2:]).transpose(0, 1).reshape(g.shape[-2], -1)
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         self.range_min.copy_(torch.minimum(self.range_min, lo))
         self.range_max.copy_(torch.maximum(self.range_max, hi))
-        scale, zero_point = qparams_from_range(self.range_min, self.range_max, self.spec)
+        self._set_qparams(self.range_min, self.range_max)
+        if self.spec.init != "minmax":
+            keep = torch.randperm(g.shape[-1], generator=self._sampler)[:SAMPLES_PER_BATCH].to(g.device)
+            self._samples.append(torch.cat([lo, hi, g.index_select(-1, keep)], dim=-1))
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Turn the observed sample into the final range (percentile / mse); minmax is already final."""
+        if not self._samples:
+            return
+        samples = torch.cat(self._samples, dim=-1)
+        self._samples.clear()
+        if samples.shape[-1] > MAX_SAMPLES:
+            samples = samples[..., torch.randperm(samples.shape[-1], generator=self._sampler)[:MAX_SAMPLES]]
+        lo, hi = search_range(samples.float(), self.spec)
+        self.range_min.copy_(lo.reshape(self.range_min.shape))
+        self.range_max.copy_(hi.reshape(self.range_max.shape))
+        self._set_qparams(self.range_min, self.range_max)
+
+    @torch.no_grad()
+    def init_from(self, w: torch.Tensor) -> None:
+        """Set the range from one tensor (weights) by the spec's init method."""
+        lo, hi = search_range(_grouped(w, self.spec, self.is_weight), self.spec)
+        self.range_min.copy_(lo)
+        self.range_max.copy_(hi)
+        self._set_qparams(lo, hi)
+
+    def _set_qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        scale, zero_point = qparams_from_range(lo, hi, self.spec)
         self.scale.data.copy_(scale)
         self.zero_point.copy_(zero_point)
-
-    def init_from(self, x: torch.Tensor) -> None:
-        """Set the range from one tensor (weights): round-to-nearest min–max."""
-        self.range_min.fill_(float("inf"))
-        self.range_max.fill_(float("-inf"))
-        self.observe(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 Granularity = Literal["tensor", "channel", "group", "token"]
 GRANULARITIES = ("tensor", "channel", "group", "token")
+INITS = ("minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class QuantSpec:
             contiguous input channels, or per ``token`` (activations, dynamic only).
         group_size: channels per group when granularity is ``group``.
         dynamic: scales computed from each input at run time (no calibrated parameters).
+        init: how a static range is initialised: ``minmax``; ``percentile`` (the (1−p, p) quantiles); ``mse``
+            (BRECQ / Q-Diffusion's clipping search minimising the L_p error). See ``ditquant.quant.observers``.
+        percentile: p for ``init: percentile``.
+        lp: the norm of the ``mse`` search (2.4 in BRECQ and Q-Diffusion).
     """
 
     bits: int = 8
@@ -27,6 +32,9 @@ class QuantSpec:
     granularity: Granularity = "tensor"
     group_size: Optional[int] = None
     dynamic: bool = False
+    init: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 0.9999
+    lp: float = 2.4
 
     def __post_init__(self):
         if not (2 <= self.bits <= 8 or self.bits == 16):
@@ -38,6 +46,12 @@ class QuantSpec:
                              f"(granularity={self.granularity!r}, group_size={self.group_size})")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not 0.5 < self.percentile <= 1.0:
+            raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+        if self.lp <= 0:
+            raise ValueError(f"lp must be positive, got {self.lp}")
         if self.granularity == "token" and not self.dynamic:
             raise ValueError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
 
@@ -57,5 +71,5 @@ class QuantSpec:
         if not self.enabled:
             return "fp"
         gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        kind = "dyn" if self.dynamic else "static"
+        kind = "dyn" if self.dynamic else f"static {self.init}"
         return f"{'s' if self.symmetric else 'a'}{self.bits} {gran} {kind}"
