@@ -19,4 +19,4 @@ def test_notebook_runs(path):
         if cell["cell_type"] == "code":
             source = "".join(cell["source"]).replace("num_steps=50", "num_steps=10")
             exec(compile(source, f"{path}:{cell['id']}", "exec"), namespace)
-    assert namespace["psnr"] > 10
+    assert namespace["psnr"] > 15  # W8A8 stays close to FP sample by sample

@@ -64,16 +64,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def write_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Path) -> None:
-    """A PNG with one row per class (first ``per_class`` samples of each)."""
-    rows = []
-    for c in sorted(set(labels.tolist()))[:16]:
-        picked = images[labels == c][:per_class]
-        if len(picked) < per_class:
-            continue
-        rows.append(np.concatenate(list(picked), axis=1))
-    if not rows:
+    """A PNG with one row per class (up to 16 classes), as many columns as every class can fill (≤ per_class)."""
+    classes = sorted(set(labels.tolist()))[:16]
+    columns = min([per_class] + [int((labels == c).sum()) for c in classes])
+    if not classes or columns < 1:
         return
-    grid = np.concatenate(rows, axis=0)
+    grid = np.concatenate([np.concatenate(list(images[labels == c][:columns]), axis=1) for c in classes], axis=0)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     with atomic_write(path) as tmp:
         Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode).save(tmp, format="PNG")
