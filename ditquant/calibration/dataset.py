@@ -116,6 +116,8 @@ def load_calibration_set(path: Path, recipe: Optional[CalibrationRecipe] = None)
         raise ValueError(f"{path}: cannot read calibration file ({exc})") from None
     if missing := {"xs", "ts", "ys"} - set(data):
         raise ValueError(f"{path}: not a calibration file (missing {sorted(missing)})")
+    if not all(torch.isfinite(data[k].float()).all() for k in ("xs", "ts")):
+        raise ValueError(f"{path}: calibration data contains NaN or inf values; delete the file to record it again")
     if recipe is not None and stored != recipe.to_json():
         raise ValueError(f"{path}: recorded with a different recipe\n  file:   {stored}\n  wanted: {recipe.to_json()}")
     return data

@@ -13,6 +13,7 @@ This is the only module that knows diffusers' layer names. Roles:
 from __future__ import annotations
 
 import fnmatch
+import re
 
 from torch import nn
 
@@ -29,6 +30,8 @@ ROLE_PATTERNS = {
     "final_linear": ("proj_out_2",),
 }
 ROLES = tuple(ROLE_PATTERNS)
+# Reconstruction units in forward order: the patch embedding as a layer, every block, the final layers as layers.
+UNIT_PATTERN = re.compile(r"pos_embed\.proj|transformer_blocks\.\d+|proj_out_1|proj_out_2")
 BLOCK_LINEAR_ROLES = ("qkv", "attn_out", "fc1", "fc2")
 
 
@@ -47,3 +50,8 @@ def layers_by_role(model: nn.Module, roles) -> dict[str, nn.Module]:
         raise ValueError(f"unknown layer role(s) {sorted(unknown)}; known roles: {', '.join(ROLES)}")
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and role_of(name) in roles}
+
+
+def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the units block reconstruction optimises one after the other, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if UNIT_PATTERN.fullmatch(name)]

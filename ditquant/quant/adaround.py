@@ -39,9 +39,20 @@ class AdaRoundWeight(nn.Module):
             return (self.alpha >= 0).to(self.alpha.dtype)
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
+    def codes(self) -> torch.Tensor:
+        return torch.clamp(self.floor + self.rounding() + self.zero_point, self.spec.qmin, self.spec.qmax)
+
     def forward(self) -> torch.Tensor:
-        q = torch.clamp(self.floor + self.rounding() + self.zero_point, self.spec.qmin, self.spec.qmax)
-        return (q - self.zero_point) * self.scale
+        return (self.codes() - self.zero_point) * self.scale
+
+    @torch.no_grad()
+    def hard_codes(self) -> torch.Tensor:
+        """The integer grid values of the hardened rounding (floor + 1[V >= 0])."""
+        hard, self.hard = self.hard, True
+        try:
+            return self.codes().round()
+        finally:
+            self.hard = hard
 
     def regularizer(self, beta: float) -> torch.Tensor:
         h = torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)

@@ -7,8 +7,9 @@ from rich.table import Table
 from torch import nn
 
 from ditquant.models.layout import layers_by_role, role_of
+from ditquant.quant.attention import QuantAttnProcessor, quantize_attention
 from ditquant.quant.config import QuantConfig
-from ditquant.quant.modules import QuantLayer, quant_layers
+from ditquant.quant.modules import QuantLayer, activation_quantizers, quant_layers
 
 
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
@@ -24,6 +25,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
         wrapped.init_weight_quantizer()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+    if config.attention is not None and config.attention.enabled:
+        quantize_attention(model, config.attention)
     return model
 
 
@@ -33,6 +36,9 @@ def quantization_table(model: nn.Module) -> Table:
     for m in quant_layers(model):
         key = (role_of(m.name) or "?", m.weight_quantizer.spec.describe(), m.input_quantizer.spec.describe())
         rows[key] = rows.get(key, 0) + 1
+    attention = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
+    if attention:
+        rows[("attention matmuls", "-", attention[0].query_quantizer.spec.describe())] = len(attention)
     table = Table(title="Quantized layers")
     for col in ("role", "layers", "weights", "activations"):
         table.add_column(col)
@@ -42,8 +48,9 @@ def quantization_table(model: nn.Module) -> Table:
 
 
 def uncalibrated_layers(model: nn.Module) -> list[str]:
-    return [m.name for m in quant_layers(model)
-            if not (m.weight_quantizer.calibrated and m.input_quantizer.calibrated)]
+    """Names of the modules holding a static quantizer that has not seen calibration data."""
+    names = {id(q): name for name, q in model.named_modules()}
+    return [names[id(q)] for q in activation_quantizers(model) if not q.calibrated]
 
 
 @torch.no_grad()

@@ -36,12 +36,15 @@ class QuantConfig:
         roles: layer roles to quantize (see ditquant.models.layout). PTQ4DiT quantizes all of them,
             Q-DiT and DiTAS only the four block linears (qkv, attn_out, fc1, fc2).
         overrides: per-role exceptions, applied in order.
+        attention: spec of the attention matmul operands (Q, K, softmax probabilities, V), per tensor; null keeps
+            the matmuls in floating point (Q-DiT, DiTAS). PTQ4DiT quantizes them at the activation bit width.
     """
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="channel"))
     activation: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="tensor"))
     roles: list[str] = field(default_factory=lambda: list(ALL_ROLES))
     overrides: list[LayerOverride] = field(default_factory=list)
+    attention: Optional[QuantSpec] = None
 
     def __post_init__(self):
         for where, roles in [("quant.roles", self.roles)] + [("quant.overrides.roles", o.roles) for o in self.overrides]:

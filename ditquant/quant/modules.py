@@ -1,15 +1,16 @@
-"""Quantized drop-in replacements for nn.Linear / nn.Conv2d, and scoped switches for their quantizers."""
+"""Quantized drop-in replacements for nn.Linear / nn.Conv2d, and scoped switches for a model's quantizers."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditquant.quant.quantizer import UniformQuantizer
+from ditquant.quant.adaround import AdaRoundWeight
+from ditquant.quant.quantizer import UniformQuantizer, grouped
 from ditquant.quant.spec import QuantSpec
 
 
@@ -25,7 +26,11 @@ def _scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tupl
 
 
 class QuantLayer(nn.Module):
-    """Wraps one Linear or Conv2d: y = layer(Q_a(x)) with weight Q_w(W). Keeps the FP weight for reconstruction."""
+    """Wraps one Linear or Conv2d: y = layer(Q_a(x)) with weight Q_w(W). Keeps the FP weight for reconstruction.
+
+    The quantized weight is, in order of precedence: the soft AdaRound weight while a reconstruction learns it
+    (``adaround``), the hard integer codes it ended with (``weight_codes``), or round-to-nearest of W.
+    """
 
     def __init__(self, layer: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec, name: str = ""):
         super().__init__()
@@ -35,24 +40,59 @@ class QuantLayer(nn.Module):
         self.layer = layer
         self.weight_quantizer = UniformQuantizer(weight_spec, True, _scale_shape(weight_spec, layer.weight, True))
         self.input_quantizer = UniformQuantizer(input_spec, False, _scale_shape(input_spec, layer.weight, False))
-        self.quant_weight = True
-        self.quant_input = True
+        self.adaround: Optional[AdaRoundWeight] = None
+        self.register_buffer("weight_codes", None)
 
     @torch.no_grad()
     def init_weight_quantizer(self) -> None:
         if self.weight_quantizer.scale is not None:
             self.weight_quantizer.init_from(self.layer.weight)
 
+    @property
+    def learns_rounding(self) -> bool:
+        """Whether AdaRound can apply: a static, enabled weight quantizer."""
+        return self.weight_quantizer.scale is not None
+
+    def start_adaround(self) -> AdaRoundWeight:
+        """Attach learnable rounding, initialised at round-to-nearest on the weight quantizer's grid."""
+        q = self.weight_quantizer
+        self.adaround = AdaRoundWeight(grouped(self.layer.weight, q.spec, True), q.scale, q.zero_point, q.spec)
+        self.weight_codes = None
+        return self.adaround
+
+    @torch.no_grad()
+    def finish_adaround(self) -> None:
+        """Harden the learned rounding into integer codes and drop the soft variables."""
+        codes = self.adaround.hard_codes()
+        self.weight_codes = codes.to(torch.int8 if self.weight_quantizer.spec.symmetric else torch.uint8)
+        self.adaround = None
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.layer.weight) if self.quant_weight else self.layer.weight
+        q, w = self.weight_quantizer, self.layer.weight
+        if not q.enabled or q.bypass:
+            return w
+        if self.adaround is not None:
+            return self.adaround().reshape(w.shape)
+        if self.weight_codes is not None:
+            return ((self.weight_codes.to(w.dtype) - q.zero_point) * q.scale).reshape(w.shape)
+        return q(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant_input:
-            x = self.input_quantizer(x)
+        x = self.input_quantizer(x)
         w = self.quantized_weight()
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         return F.linear(x, w, self.layer.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint may hold codes (finished reconstruction) or soft rounding (a unit in progress): make room for
+        # them before loading, so that a fresh model loads any checkpoint of the same configuration.
+        codes = state_dict.get(prefix + "weight_codes")
+        if codes is not None and self.weight_codes is None:
+            self.weight_codes = torch.empty_like(codes)
+        if prefix + "adaround.alpha" in state_dict and self.adaround is None:
+            self.start_adaround()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{self.name}: W {self.weight_quantizer.spec.describe()}, A {self.input_quantizer.spec.describe()}"
@@ -62,33 +102,52 @@ def quant_layers(model: nn.Module) -> Iterator[QuantLayer]:
     return (m for m in model.modules() if isinstance(m, QuantLayer))
 
 
+def quantizers(model: nn.Module) -> Iterator[UniformQuantizer]:
+    return (m for m in model.modules() if isinstance(m, UniformQuantizer))
+
+
+def activation_quantizers(model: nn.Module) -> list[UniformQuantizer]:
+    """Every static activation quantizer (layer inputs and attention operands): the ones calibration observes."""
+    return [q for q in quantizers(model) if q.learnable]
+
+
+@contextlib.contextmanager
+def bypassing(quantizer_list: list[UniformQuantizer]):
+    """Let the given quantizers pass values through unchanged inside the block."""
+    saved = [q.bypass for q in quantizer_list]
+    for q in quantizer_list:
+        q.bypass = True
+    try:
+        yield
+    finally:
+        for q, b in zip(quantizer_list, saved):
+            q.bypass = b
+
+
 @contextlib.contextmanager
 def quant_disabled(model: nn.Module):
     """Run ``model`` in full precision inside the block (FP targets, FP reference samples)."""
-    layers = list(quant_layers(model))
-    saved = [(m.quant_weight, m.quant_input) for m in layers]
-    for m in layers:
-        m.quant_weight = m.quant_input = False
-    try:
+    with bypassing(list(quantizers(model))):
         yield model
-    finally:
-        for m, (w, a) in zip(layers, saved):
-            m.quant_weight, m.quant_input = w, a
+
+
+@contextlib.contextmanager
+def activations_unquantized(model: nn.Module):
+    """Quantized weights, FP activations (Q-Diffusion's weight-only reconstruction pass)."""
+    with bypassing([q for q in quantizers(model) if not q.is_weight]):
+        yield model
 
 
 @contextlib.contextmanager
 def observing_activations(model: nn.Module):
     """Record activation ranges (static quantizers) while running FP inputs through the layers."""
-    static = [m for m in quant_layers(model) if m.input_quantizer.scale is not None]
-    quantizers = [m.input_quantizer for m in static]
+    observed = activation_quantizers(model)
     with quant_disabled(model):
-        for layer in static:
-            layer.quant_input = True  # the observing quantizer sees its input and passes it on unchanged
-        for q in quantizers:
-            q.observing = True
+        for q in observed:
+            q.bypass, q.observing = False, True  # an observing quantizer sees its input and passes it on unchanged
         try:
             yield model
         finally:
-            for q in quantizers:
+            for q in observed:
                 q.observing = False
                 q.finish_observing()

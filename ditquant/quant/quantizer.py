@@ -1,7 +1,7 @@
 """The calibratable fake quantizer: static ranges (weights: from the tensor; activations: observed over the
 calibration set) or dynamic ones (computed from every input).
 
-Scales are laid out so that they broadcast against the tensor after ``_grouped`` reshaping:
+Scales are laid out so that they broadcast against the tensor after ``grouped`` reshaping:
 weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); activations (..., in) -> per token (..., 1),
 per group (..., in/g, 1); per tensor: a scalar.
 """
@@ -19,7 +19,7 @@ SAMPLES_PER_BATCH = 1 << 16  # values kept per row and observed batch (percentil
 MAX_SAMPLES = 1 << 20  # values kept per row in all
 
 
-def _grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
+def grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
     """View x so that the last dim holds exactly the elements sharing one scale (tensor: all of them)."""
     if spec.granularity == "tensor":
         return x.reshape(1, -1)
@@ -38,7 +38,7 @@ def _grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
 
 def quantize_tensor(x: torch.Tensor, spec: QuantSpec, is_weight: bool, scale=None, zero_point=None) -> torch.Tensor:
     """Fake-quantize x; with no scale given, the range is x's own min–max (round-to-nearest / dynamic)."""
-    g = _grouped(x, spec, is_weight)
+    g = grouped(x, spec, is_weight)
     if scale is None:
         scale, zero_point = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
     return fake_quantize(g, scale, zero_point, spec).reshape(x.shape)
@@ -58,6 +58,7 @@ class UniformQuantizer(nn.Module):
         self.is_weight = is_weight
         self.enabled = spec.enabled
         self.observing = False
+        self.bypass = False  # pass values through unchanged (FP targets / references, weight-only passes)
         static = spec.enabled and not spec.dynamic
         self.scale = nn.Parameter(torch.ones(scale_shape), requires_grad=False) if static else None
         self.register_buffer("zero_point", torch.zeros(scale_shape) if static else None)
@@ -74,7 +75,7 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Accumulate the range of an activation batch; non-minmax inits also keep a bounded sample of values."""
-        g = _grouped(x, self.spec, self.is_weight)
+        g = grouped(x, self.spec, self.is_weight)
         if not self.is_weight and self.spec.granularity == "group":  # one range per group, over all tokens
             g = g.reshape(-1, *g.shape[-2:]).transpose(0, 1).reshape(g.shape[-2], -1)
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
@@ -99,10 +100,15 @@ class UniformQuantizer(nn.Module):
         self.range_max.copy_(hi.reshape(self.range_max.shape))
         self._set_qparams(self.range_min, self.range_max)
 
+    @property
+    def learnable(self) -> bool:
+        """A static activation quantizer, whose step size reconstruction may learn."""
+        return self.scale is not None and not self.is_weight
+
     @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:
         """Set the range from one tensor (weights) by the spec's init method."""
-        lo, hi = search_range(_grouped(w, self.spec, self.is_weight), self.spec)
+        lo, hi = search_range(grouped(w, self.spec, self.is_weight), self.spec)
         self.range_min.copy_(lo)
         self.range_max.copy_(hi)
         self._set_qparams(lo, hi)
@@ -113,7 +119,7 @@ class UniformQuantizer(nn.Module):
         self.zero_point.copy_(zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or self.bypass:
             return x
         if self.spec.dynamic:
             return quantize_tensor(x, self.spec, self.is_weight)

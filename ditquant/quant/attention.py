@@ -1,0 +1,62 @@
+"""Quantized attention matmuls: Q·Kᵀ and softmax(·)·V with fake-quantized operands (PTQ4DiT / Q-Diffusion style).
+
+The processor replaces diffusers' ``AttnProcessor2_0`` on DiT self-attention. Q is quantized after the 1/√d
+scaling (as PTQ4DiT does); the softmax probabilities use an unsigned grid whose zero point is 0 (they are ≥ 0, so a
+min–max range starts at 0). The softmax itself, the head split and the output projection's input stay as they are
+(the projection is a QuantLayer with its own input quantizer).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ditquant.quant.quantizer import UniformQuantizer
+from ditquant.quant.spec import QuantSpec
+
+OPERANDS = ("query", "key", "probs", "value")
+
+
+class QuantAttnProcessor(nn.Module):
+    """A diffusers attention processor (self-attention without masks) with one quantizer per matmul operand."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        if spec.granularity != "tensor":
+            raise ValueError(f"attention operands support per-tensor quantization only, got {spec.granularity!r}")
+        for operand in OPERANDS:
+            setattr(self, f"{operand}_quantizer", UniformQuantizer(spec, is_weight=False))
+
+    def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                temb=None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("quantized attention supports DiT self-attention only (no cross-attention or mask)")
+        batch, tokens, _ = hidden_states.shape
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, tokens, heads, -1).transpose(1, 2)
+
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(
+            attn.to_v(hidden_states))
+        query = self.query_quantizer(query / math.sqrt(query.shape[-1]))
+        key = self.key_quantizer(key)
+        probs = self.probs_quantizer((query @ key.transpose(-1, -2)).softmax(dim=-1))
+        out = probs @ self.value_quantizer(value)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def quantize_attention(model: nn.Module, spec: QuantSpec) -> int:
+    """Install a QuantAttnProcessor in every self-attention of ``model``; returns how many."""
+    from diffusers.models.attention_processor import Attention
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(QuantAttnProcessor(spec))
+            count += 1
+    return count
