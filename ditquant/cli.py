@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ditquant.calibration.datamodule import CalibrationData
+from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
 from ditquant.task import DiTQuantization
 
 
@@ -28,14 +29,20 @@ class DitQuantCLI(LightningCLI):
                 "test": {"model", "dataloaders", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_lightning_class_args(FitCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.enable_version_counter": False})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                               compute_fn=lambda root: str(Path(root) / "checkpoints"))
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def before_test(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") is None and self.model.quant is not None:
+        if config.get("ckpt_path") is None and self.model.quant is not None and self.model.load_quantized is None:
             last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             if not last.is_file():
                 sys.exit(f"ditquant test: no checkpoint at {last}; run `ditquant fit` with the same --config first "
@@ -45,6 +52,8 @@ class DitQuantCLI(LightningCLI):
 
 def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The DiT stays in eval mode during fit on purpose (label dropout off): Lightning's warning about it is noise.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     try:
         DitQuantCLI(DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
                     trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},

@@ -1,13 +1,18 @@
 """The LightningModule behind ``ditquant fit`` / ``ditquant test``.
 
-fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest), then one pass over the calibration set
-observes the activation ranges of the FP model (static quantizers). test: paired, seeded sampling of the quantized
-and FP models, FID / PSNR, samples written to ``<default_root_dir>/test``.
+fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest); the first step observes the activation
+ranges of the FP model over the calibration set (static quantizers); every further step is one step of block
+reconstruction (``BlockReconstructor``), whose progress and optimizer state travel in the Lightning checkpoint so
+that ``--ckpt_path last`` resumes mid-unit. At the end the calibrated model is saved to
+``<default_root_dir>/quantized``. test: paired, seeded sampling of the quantized and FP models, FID / PSNR, samples
+written to ``<default_root_dir>/test``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -17,10 +22,14 @@ from rich.console import Console
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator
 from ditquant.models.dit import DiTConfig
+from ditquant.evaluation.sampling import write_json
 from ditquant.models.loading import DiTSource, load_dit
 from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
+from ditquant.quant.artifact import load_quantized, save_quantized
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
+from ditquant.reconstruction.config import ReconstructionConfig
+from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +42,27 @@ class DiTQuantization(L.LightningModule):
         quant: how to quantize; null evaluates the FP model.
         sampler: the evaluation sampler (also used to record the calibration set).
         evaluation: what ``ditquant test`` measures and writes.
+        reconstruction: block reconstruction after initialisation; null = round-to-nearest weights and
+            min–max activation ranges (RTN).
+        load_quantized: a folder written by ``ditquant fit`` (``<default_root_dir>/quantized``) to test without a
+            Lightning checkpoint; it must have been made with the same model and quant config.
     """
 
     def __init__(self, dit: DiTSource = DiTSource(), quant: Optional[QuantConfig] = QuantConfig(),
-                 sampler: SamplerConfig = SamplerConfig(), evaluation: EvaluationConfig = EvaluationConfig()):
+                 sampler: SamplerConfig = SamplerConfig(), evaluation: EvaluationConfig = EvaluationConfig(),
+                 reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[str] = None):
         super().__init__()
+        if quant is None and (reconstruction is not None or load_quantized is not None):
+            raise ValueError("model.reconstruction / model.load_quantized need model.quant (it is null)")
         self.dit_source, self.quant, self.sampler, self.evaluation = dit, quant, sampler, evaluation
+        self.reconstruction, self.load_quantized = reconstruction, load_quantized
         self.automatic_optimization = False
         self.transformer: Optional[torch.nn.Module] = None
         self.vae = None
         self.evaluator: Optional[SampleEvaluator] = None
+        self.reconstructor: Optional[BlockReconstructor] = None
+        self._resume_state: Optional[dict] = None
+        self._fit_started = None
 
     def configure_model(self) -> None:
         if self.transformer is not None:
@@ -54,6 +74,8 @@ class DiTQuantization(L.LightningModule):
         self.transformer = loaded.transformer
         if self.quant is not None:
             quantize_model(self.transformer, self.quant)
+            if self.load_quantized is not None:
+                load_quantized(self.transformer, self.load_quantized, self.dit_source, self.quant)
             Console(stderr=True).print(quantization_table(self.transformer))
 
     def train(self, mode: bool = True) -> "DiTQuantization":
@@ -64,22 +86,79 @@ class DiTQuantization(L.LightningModule):
             self.transformer.eval()
         return self
 
-    # ---- fit: round-to-nearest weights, activation ranges observed on the calibration set ----
+    # ---- fit: activation ranges, then block reconstruction, one step per training batch ----
 
     def configure_optimizers(self):
-        return None
+        return None  # the reconstructor owns one optimizer per stage (its state is in the checkpoint)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def num_fit_steps(self) -> int:
+        """Training batches fit needs: one to observe activation ranges, then one per reconstruction step."""
         if self.quant is None:
-            raise ValueError("quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
+            raise ValueError("model.quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
+        if self.reconstruction is None:
+            return 1
+        return 1 + sum(s.iterations for s in plan_stages(self.transformer, self.reconstruction))
+
+    @property
+    def fit_step(self) -> int:
+        """Completed fit steps (activation observation counts as one)."""
+        observed = not uncalibrated_layers(self.transformer)
+        return int(observed) + (self.reconstructor.step if self.reconstructor is not None else 0)
+
+    def on_train_start(self) -> None:
+        self._fit_started = time.perf_counter()
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        if uncalibrated_layers(self.transformer):
+            self._observe_activations()
+        elif self.reconstruction is not None:
+            reconstructor = self._reconstructor()
+            if not reconstructor.done:
+                m = reconstructor.run_step()
+                self.log_dict({"unit": float(m["stage"] + 1), "loss": m["rec"]}, prog_bar=True, on_step=True)
+        if self.fit_step >= self.num_fit_steps():
+            self.trainer.should_stop = True
+
+    def _observe_activations(self) -> None:
+        data = self.trainer.datamodule
         with torch.no_grad(), observing_activations(self.transformer):
-            self.transformer(batch["x"], batch["t"], batch["y"])
+            for batch in data.calibration_loader():
+                self.transformer(*(batch[k].to(self.device) for k in ("x", "t", "y")))
+
+    def _reconstructor(self) -> BlockReconstructor:
+        if self.reconstructor is None:
+            spill = Path(self.reconstruction.cache_dir or Path(self.trainer.default_root_dir) / "cache")
+            self.reconstructor = BlockReconstructor(self.transformer, self.reconstruction,
+                                                    self.trainer.datamodule.calibration, spill_dir=spill)
+            if self._resume_state is not None:
+                self.reconstructor.load_state_dict(self._resume_state)
+                self._resume_state = None
+        return self.reconstructor
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.reconstructor is not None:
+            checkpoint["reconstruction"] = self.reconstructor.state_dict()
+        elif self._resume_state is not None:
+            checkpoint["reconstruction"] = self._resume_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_state = checkpoint.get("reconstruction")
 
     def on_train_end(self) -> None:
+        if self.fit_step < self.num_fit_steps():
+            return  # interrupted: the checkpoint holds the progress
         missing = uncalibrated_layers(self.transformer)
         if missing:
-            raise RuntimeError(f"{len(missing)} layers saw no calibration data, e.g. {missing[:3]}")
-        log.info("weight SQNR %.2f dB", weight_sqnr_db(self.transformer))
+            raise RuntimeError(f"{len(missing)} quantizers saw no calibration data, e.g. {missing[:3]}")
+        root = Path(self.trainer.default_root_dir)
+        if self.trainer.is_global_zero:
+            save_quantized(self.transformer, root / "quantized", self.dit_source, self.quant)
+            summary = {"label": self.quant.label(), "weight_sqnr_db": weight_sqnr_db(self.transformer),
+                       "fit_seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
+                       "reconstruction": self.reconstructor.summary if self.reconstructor is not None else []}
+            write_json(summary, root / "quantized" / "fit_summary.json")
+        log.info("weight SQNR %.2f dB; calibrated model saved to %s", weight_sqnr_db(self.transformer),
+                 root / "quantized")
 
     # ---- test: paired sampling and metrics ----
 

@@ -42,6 +42,19 @@ class EvaluationIndices(Dataset):
         return {"index": torch.tensor(i), "y": torch.tensor(i % self.num_classes)}
 
 
+class FitSteps(Dataset):
+    """Step i of ``ditquant fit`` (the data of every step is chosen by the LightningModule)."""
+
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
 class CalibrationData(L.LightningDataModule):
     """Builds (or reuses) the timestep-stratified calibration set of the FP model and serves it.
 
@@ -53,7 +66,8 @@ class CalibrationData(L.LightningDataModule):
         samples_per_timestep: M trajectories (PTQ4DiT: 32).
         seed: seeds classes and noise of the calibration trajectories.
         classes: restrict calibration classes (default: all).
-        batch_size: calibration entries per batch (a guidance pair counts once and yields two rows).
+        batch_size: calibration entries per batch when observing activation ranges and filling reconstruction caches
+            (a guidance pair counts once and yields two rows).
         cache_dir: where calibration files live; a file is reused when its recipe matches.
         num_test_samples: images sampled by ``ditquant test``.
         test_batch_size: images per test batch (results do not depend on it: noise is seeded per image).
@@ -105,10 +119,13 @@ class CalibrationData(L.LightningDataModule):
         return CalibrationSet(data, null_label=null, guidance=recipe.sampler.cfg_scale > 1.0)
 
     def train_dataloader(self) -> DataLoader:
-        # Seeded shuffling: the batch order derives from the seed alone, so reruns and resumes see the same batches.
-        gen = torch.Generator().manual_seed(self.recipe_args["seed"])
-        return DataLoader(self.calibration, batch_size=self.batch_size, shuffle=True, generator=gen,
-                          collate_fn=collate_pairs)
+        # fit's batches are step numbers: the LightningModule draws calibration data itself (a full pass to observe
+        # activation ranges, then seeded reconstruction batches), so a resumed run needs no dataloader state.
+        return DataLoader(FitSteps(self.trainer.lightning_module.num_fit_steps()), batch_size=None)
+
+    def calibration_loader(self) -> DataLoader:
+        """The calibration set in a fixed order, ``batch_size`` entries per batch."""
+        return DataLoader(self.calibration, batch_size=self.batch_size, shuffle=False, collate_fn=collate_pairs)
 
     def test_dataloader(self) -> DataLoader:
         num_classes = self.trainer.lightning_module.dit_config.num_classes

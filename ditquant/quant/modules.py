@@ -42,6 +42,7 @@ class QuantLayer(nn.Module):
         self.input_quantizer = UniformQuantizer(input_spec, False, _scale_shape(input_spec, layer.weight, False))
         self.adaround: Optional[AdaRoundWeight] = None
         self.register_buffer("weight_codes", None)
+        self._inference_weight: Optional[tuple[tuple, torch.Tensor]] = None
 
     @torch.no_grad()
     def init_weight_quantizer(self) -> None:
@@ -73,6 +74,18 @@ class QuantLayer(nn.Module):
             return w
         if self.adaround is not None:
             return self.adaround().reshape(w.shape)
+        if torch.is_grad_enabled():
+            return self._fake_quantized_weight()
+        # Sampling calls every layer hundreds of times with the same weight: reuse it while no tensor it depends on
+        # has changed (in-place updates, including load_state_dict, bump a tensor's version).
+        codes = self.weight_codes
+        key = tuple((t.data_ptr(), t._version) for t in (w, q.scale, q.zero_point, codes) if t is not None)
+        if self._inference_weight is None or self._inference_weight[0] != key:
+            self._inference_weight = (key, self._fake_quantized_weight())
+        return self._inference_weight[1]
+
+    def _fake_quantized_weight(self) -> torch.Tensor:
+        q, w = self.weight_quantizer, self.layer.weight
         if self.weight_codes is not None:
             return ((self.weight_codes.to(w.dtype) - q.zero_point) * q.scale).reshape(w.shape)
         return q(w)

@@ -190,7 +190,8 @@ class BlockReconstructor:
         self._fill_cache(active)
         groups = []
         if active.layers:
-            groups.append({"params": [m.adaround.alpha for m in active.layers], "lr": self.config.weight_lr})
+            alphas = [m.adaround.alpha.requires_grad_(True) for m in active.layers]
+            groups.append({"params": alphas, "lr": self.config.weight_lr})
         if active.steps:
             for q in active.steps:
                 q.scale.requires_grad_(True)

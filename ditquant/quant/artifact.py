@@ -1,0 +1,60 @@
+"""A calibrated model on disk: ``model.safetensors`` (the quantized DiT's state: FP or folded weights, scales, zero
+points, AdaRound codes) and ``quantized.yaml`` (the model source and QuantConfig it was made with).
+
+``ditquant test --model.load_quantized DIR`` rebuilds the same quantized model and loads the state, without
+recalibrating; the YAML guards against loading into a different model or configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ditquant.io import atomic_write
+
+FORMAT = "ditquant-quantized/1"
+WEIGHTS, META = "model.safetensors", "quantized.yaml"
+
+
+def _describe(source, quant) -> dict:
+    return {"format": FORMAT, "dit": dataclasses.asdict(source), "quant": dataclasses.asdict(quant)}
+
+
+def save_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> Path:
+    """Write the model state and its description atomically into ``folder``."""
+    folder = Path(folder)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_write(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    with atomic_write(folder / META) as tmp:
+        tmp.write_text(yaml.safe_dump(_describe(source, quant), sort_keys=False))
+    return folder
+
+
+def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> None:
+    """Load a saved state into ``model`` (already quantized with ``quant``); refuse a mismatching file."""
+    folder = Path(folder)
+    meta_path, weights_path = folder / META, folder / WEIGHTS
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"model.load_quantized: {p} does not exist (expected a folder written by "
+                                    "`ditquant fit`, e.g. runs/<name>/quantized)")
+    meta = yaml.safe_load(meta_path.read_text())
+    expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant), sort_keys=False))
+    for key in ("format", "dit", "quant"):
+        if meta.get(key) != expected[key]:
+            raise ValueError(f"{meta_path}: made for a different {key}\n  file:   {meta.get(key)}\n"
+                             f"  config: {expected[key]}")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights_path}: cannot read ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights_path} does not match the model: {str(e)[:500]}") from None
