@@ -137,8 +137,7 @@ class BlockReconstructor:
         active = self._active
         stage = active.stage
         rows = active.cache.batch(self._draw(index, k), self._device)
-        context = contextlib.nullcontext() if stage.quantize_activations else activations_unquantized(self.model)
-        with context:
+        with self._activation_mode(stage):
             out = replay(active.unit, active.signature, rows)
         rec = (out - rows["target"]).square().sum(1).mean()  # summed over dim 1, as BRECQ / PTQ4DiT
         loss = rec
@@ -167,6 +166,10 @@ class BlockReconstructor:
             metrics = self.run_step()
             if on_step is not None:
                 on_step(metrics)
+
+    def _activation_mode(self, stage: Stage):
+        """Quantized activations, or FP ones during a weight-only (sequential) pass."""
+        return contextlib.nullcontext() if stage.quantize_activations else activations_unquantized(self.model)
 
     @property
     def _device(self) -> torch.device:
@@ -213,8 +216,6 @@ class BlockReconstructor:
         num_rows = sum(len(b["t"]) for b in loader)
         spill = self.spill_dir / f"stage{active.index:03d}" if self.spill_dir is not None else None
         active.cache = UnitCache(num_rows, int(self.config.cache_memory_gb * 2**30), spill)
-        quantized_prefix = (contextlib.nullcontext() if active.stage.quantize_activations
-                            else activations_unquantized(self.model))
         for batch in loader:
             x, t, y = (batch[k].to(self._device) for k in ("x", "t", "y"))
 
@@ -222,7 +223,7 @@ class BlockReconstructor:
                 return self.model(x, t, y)
             with quant_disabled(self.model):
                 target = capture_output(forward, active.unit)
-            with quantized_prefix:
+            with self._activation_mode(active.stage):
                 signature, rows = capture_input(forward, active.unit, batch=len(t))
             active.signature = active.signature or signature
             active.cache.write({**rows, "target": target})
