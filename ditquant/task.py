@@ -177,7 +177,8 @@ class DiTQuantization(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         out_dir = self.trainer.default_root_dir + "/test"
-        metrics = self.evaluator.finish(out_dir, label=self.quant.label() if self.quant else "FP")
+        metrics = self.evaluator.finish(out_dir, label=self.quant.label() if self.quant else "FP",
+                                        write=self.trainer.is_global_zero)
         for name, value in metrics.items():
             if isinstance(value, float):
-                self.log(f"test/{name}", value)
+                self.log(f"test/{name}", value, rank_zero_only=True)

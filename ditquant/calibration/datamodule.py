@@ -10,7 +10,7 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, calibration_path, collate_pairs,
                                           load_calibration_set, record_calibration_set, save_calibration_set)
@@ -40,6 +40,21 @@ class EvaluationIndices(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"index": torch.tensor(i), "y": torch.tensor(i % self.num_classes)}
+
+
+class ShardSampler(DistributedSampler):
+    """Sample indices rank, rank + world, ... without the padding DistributedSampler adds (duplicated samples would
+    bias FID). Being a DistributedSampler, Lightning leaves it in place."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class FitSteps(Dataset):
@@ -129,4 +144,8 @@ class CalibrationData(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         num_classes = self.trainer.lightning_module.dit_config.num_classes
-        return DataLoader(EvaluationIndices(self.num_test_samples, num_classes), batch_size=self.test_batch_size)
+        dataset = EvaluationIndices(self.num_test_samples, num_classes)
+        sampler = None
+        if self.trainer.world_size > 1:
+            sampler = ShardSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
+        return DataLoader(dataset, batch_size=self.test_batch_size, sampler=sampler)

@@ -110,3 +110,12 @@ def inception_fid(feature: int = 2048, **kwargs) -> FrechetInceptionDistance:
         return FrechetInceptionDistance(feature=feature, **kwargs)
     except (ImportError, RuntimeError) as e:  # a torchvision built for another torch fails only here
         raise ImportError(f"{hint} (underlying error: {e})") from e
+
+
+def inception_score(**kwargs):
+    """torchmetrics' Inception Score (ImageNet models; same optional requirements as ``inception_fid``)."""
+    if not _TORCH_FIDELITY_AVAILABLE:
+        raise ImportError("Inception Score needs the optional extra: `pip install ditquant[inception]`")
+    from torchmetrics.image.inception import InceptionScore
+
+    return InceptionScore(normalize=True, **kwargs)

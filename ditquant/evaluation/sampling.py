@@ -90,14 +90,13 @@ class SampleEvaluator:
         self.compare_fp = compare_fp and config.compare_fp
         self.fid = self._make_fid()
         self.paired = self._make_fid(paired=True) if self.compare_fp else None
-        self.images, self.fp_images, self.labels, self.psnr = [], [], [], []
+        self.inception_score = self._make_inception_score()
+        self.indices, self.images, self.fp_images, self.labels, self.psnr = [], [], [], [], []
 
     def _make_fid(self, paired: bool = False):
         from ditquant.evaluation import metrics
 
-        kind = self.config.fid_features
-        if kind == "auto":
-            kind = "fashion-mnist" if getattr(self.source, "source", None) == "bundled" else "inception"
+        kind = self._feature_kind()
         if kind == "none":
             return None
         if kind == "fashion-mnist":
@@ -109,6 +108,20 @@ class SampleEvaluator:
                 raise
             log.warning("FID skipped: %s", e)
             return None
+
+    def _feature_kind(self) -> str:
+        kind = self.config.fid_features
+        if kind == "auto":
+            kind = "fashion-mnist" if getattr(self.source, "source", None) == "bundled" else "inception"
+        return kind
+
+    def _make_inception_score(self):
+        """Inception Score alongside Inception FID (ImageNet models); not meaningful for the bundled domain."""
+        from ditquant.evaluation import metrics
+
+        if self._feature_kind() != "inception" or self.fid is None:
+            return None
+        return metrics.inception_score()
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -122,10 +135,13 @@ class SampleEvaluator:
         noise = seeded_noise(indices, shape, self.config.seed, 0).to(device)
         images = self._decode(sample(model, noise, labels, self.sampler,
                                      step_generators(indices, self.config.seed, device))).clamp(-1, 1)
+        self.indices.append(indices.cpu().numpy())
         self.images.append(to_uint8(images))
         self.labels.append(labels.cpu().numpy())
         if self.fid is not None:
             self.fid.update(((images + 1) / 2).cpu(), real=False)
+        if self.inception_score is not None:
+            self.inception_score.update(((images + 1) / 2).cpu())
         if self.compare_fp:
             with quant_disabled(model):
                 fp = self._decode(sample(model, noise, labels, self.sampler,
@@ -137,23 +153,43 @@ class SampleEvaluator:
                 self.paired.update(((fp + 1) / 2).cpu(), real=True)
                 self.paired.update(((images + 1) / 2).cpu(), real=False)
 
-    def finish(self, out_dir: str, label: str) -> dict:
+    def _gathered(self) -> dict[str, np.ndarray]:
+        """Every process's samples, in sample-index order (one process: its own)."""
+        local = {"index": np.concatenate(self.indices), "images": np.concatenate(self.images),
+                 "labels": np.concatenate(self.labels)}
+        if self.compare_fp:
+            local["fp_images"] = np.concatenate(self.fp_images)
+            local["psnr"] = torch.cat(self.psnr).numpy()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, local)
+            local = {k: np.concatenate([p[k] for p in parts]) for k in local}
+        order = np.argsort(local["index"], kind="stable")
+        return {k: v[order] for k, v in local.items()}
+
+    def finish(self, out_dir: str, label: str, write: bool = True) -> dict:
+        """Compute the metrics (torchmetrics syncs FID state across processes) and, if ``write``, the files."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        images, labels = np.concatenate(self.images), np.concatenate(self.labels)
+        data = self._gathered()
+        images, labels = data["images"], data["labels"]
         metrics: dict = {"label": label, "num_samples": int(len(images)), "sampler": asdict(self.sampler),
                          "seed": self.config.seed}
         if self.fid is not None and len(images) >= 2:
             metrics["fid_vs_data"] = float(self.fid.compute())
+        if self.inception_score is not None and len(images) >= 2:
+            metrics["inception_score"] = float(self.inception_score.compute()[0])
         if self.compare_fp:
-            metrics["psnr_vs_fp"] = float(torch.cat(self.psnr).mean())
+            metrics["psnr_vs_fp"] = float(data["psnr"].mean())
             if self.paired is not None and len(images) >= 2:
                 metrics["fid_vs_fp"] = float(self.paired.compute())
+        if not write:
+            return metrics
+        out.mkdir(parents=True, exist_ok=True)
         with atomic_write(out / "samples.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, arr_0=images, arr_1=labels)
         write_grid(images, labels, self.config.grid_per_class, out / "grid.png")
         if self.compare_fp:
-            write_grid(np.concatenate(self.fp_images), labels, self.config.grid_per_class, out / "grid_fp.png")
+            write_grid(data["fp_images"], labels, self.config.grid_per_class, out / "grid_fp.png")
         write_json(metrics, out / "metrics.json")
         log.info("test metrics: %s", metrics)
         return metrics
