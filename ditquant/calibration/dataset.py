@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from rich.progress import MofNCompleteColumn, Progress
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
@@ -65,7 +66,6 @@ class CalibrationRecipe:
 def record_calibration_set(model: torch.nn.Module, recipe: CalibrationRecipe, latent_shape: tuple[int, int, int],
                            batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Run the FP sampler and record x_t at the recipe's steps: xs (N, M, C, H, W), ts (N,), ys (M,)."""
-    device = next(model.parameters()).device
     num_classes = model.config.num_embeds_ada_norm
     classes = torch.tensor(recipe.classes if recipe.classes is not None else range(num_classes))
     if classes.numel() == 0 or classes.min() < 0 or classes.max() >= num_classes:
@@ -76,21 +76,33 @@ def record_calibration_set(model: torch.nn.Module, recipe: CalibrationRecipe, la
     noise = torch.randn(m, *latent_shape, generator=gen)
     positions = set(recipe.step_positions())
     xs, ts = [], []
-    for start in range(0, m, batch_size):
-        chunk = slice(start, start + batch_size)
-        step_gens = [torch.Generator(device).manual_seed(recipe.seed * 1_000_003 + start + i)
-                     for i in range(noise[chunk].shape[0])]
-        recorded, times = [], []
-
-        def on_step(i, t, x):
-            if i in positions:
-                recorded.append(x.cpu())
-                times.append(t)
-
-        sample(model, noise[chunk].to(device), ys[chunk].to(device), recipe.sampler, step_gens, on_step)
-        xs.append(torch.stack(recorded))
-        ts = times
+    progress = Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True)
+    task = progress.add_task("recording calibration set (sampling steps)",
+                             total=recipe.sampler.num_steps * -(-m // batch_size))
+    with progress:
+        for start in range(0, m, batch_size):
+            xs.append(_record_chunk(model, recipe, noise, ys, slice(start, start + batch_size), positions, ts,
+                                    lambda *_: progress.advance(task)))
     return {"xs": torch.cat(xs, dim=1).contiguous(), "ts": torch.tensor(ts, dtype=torch.long), "ys": ys}
+
+
+def _record_chunk(model, recipe, noise, ys, chunk: slice, positions: set[int], ts: list, tick) -> torch.Tensor:
+    """Sample trajectories ``chunk`` and return x_t at the recorded positions (N, len(chunk), C, H, W)."""
+    device = next(model.parameters()).device
+    start = chunk.start
+    step_gens = [torch.Generator(device).manual_seed(recipe.seed * 1_000_003 + start + i)
+                 for i in range(noise[chunk].shape[0])]
+    recorded, times = [], []
+
+    def on_step(i, t, x):
+        tick()
+        if i in positions:
+            recorded.append(x.cpu())
+            times.append(t)
+
+    sample(model, noise[chunk].to(device), ys[chunk].to(device), recipe.sampler, step_gens, on_step)
+    ts[:] = times
+    return torch.stack(recorded)
 
 
 def calibration_path(directory: Path, recipe: CalibrationRecipe) -> Path:
