@@ -17,6 +17,8 @@ def test_notebook_runs(path):
     namespace: dict = {}
     for cell in cells:
         if cell["cell_type"] == "code":
-            source = "".join(cell["source"]).replace("num_steps=50", "num_steps=10")
+            source = "".join(cell["source"]).replace("num_steps=50", "num_steps=10").replace("iterations=100",
+                                                                                              "iterations=20")
             exec(compile(source, f"{path}:{cell['id']}", "exec"), namespace)
-    assert namespace["psnr"] > 15  # W8A8 stays close to FP sample by sample
+    assert namespace["psnr"] > 12  # reconstructed W4A8 stays close to FP sample by sample
+    assert namespace["psnr"] > namespace["psnr_vs_fp"](namespace["rtn"]) - 1.0  # and does not fall behind RTN
