@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ditquant.calibration.datamodule import CalibrationData
 from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
+from ditquant.io import atomic_write
 from ditquant.task import DiTQuantization
 
 
@@ -39,6 +40,13 @@ class DitQuantCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def after_test(self) -> None:
+        # The full resolved configuration beside the metrics it produced.
+        out = Path(self.trainer.default_root_dir) / "test" / "config.yaml"
+        if self.trainer.is_global_zero and out.parent.is_dir():
+            with atomic_write(out) as tmp:
+                tmp.write_text(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
 
     def before_test(self) -> None:
         config = self.config_init[self.subcommand]

@@ -64,6 +64,16 @@ def test_fit_then_test_on_bundled_model(tmp_path):
     assert metrics["psnr_vs_fp"] > 15  # W8A8 stays close to FP sample by sample
     assert metrics["fid_vs_data"] > 0 and "fid_vs_fp" in metrics
     assert (root / "test" / "grid.png").is_file() and (root / "test" / "samples.npz").is_file()
+    assert "load_quantized" in (root / "test" / "config.yaml").read_text()
+
+    # The saved calibrated model, reloaded without a Lightning checkpoint, samples exactly the same images.
+    other = tmp_path / "reloaded"
+    run("test", *common, "--trainer.default_root_dir", str(other), "--model.load_quantized", str(root / "quantized"))
+    reloaded = json.loads((other / "test" / "metrics.json").read_text())
+    assert reloaded["psnr_vs_fp"] == metrics["psnr_vs_fp"] and reloaded["fid_vs_data"] == metrics["fid_vs_data"]
+    with pytest.raises(SystemExit, match="different quant"):
+        run("test", *common, "--trainer.default_root_dir", str(other), "--model.load_quantized",
+            str(root / "quantized"), "--model.quant.weight.bits", "4")
 
 
 @needs_bundled
