@@ -5,7 +5,7 @@ from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
 from ditquant.quant.config import LayerOverride, QuantConfig
 from ditquant.quant.modules import observing_activations, quant_disabled, quant_layers
-from ditquant.quant.quantizer import UniformQuantizer, quantize_tensor
+from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor
 from ditquant.quant.spec import QuantSpec
 
 
@@ -170,3 +170,39 @@ def test_weight_init_methods(tiny):
     rtn = weight_sqnr_db(quantize_model(rtn_model, QuantConfig(weight=QuantSpec(bits=4, granularity="channel"),
                                                                roles=["fc1"])))
     assert mse > rtn
+
+
+def test_straight_through_gradients_reach_input_and_scale():
+    from ditquant.quant.affine import fake_quantize
+
+    spec = QuantSpec(bits=4)
+    x = torch.tensor([-0.3, 0.1, 0.52, 2.0], requires_grad=True)  # 2.0 is clipped by the range below
+    scale = torch.tensor(0.1, requires_grad=True)
+    zero = torch.tensor(5.0)
+    fake_quantize(x, scale, zero, spec).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))  # identity inside the range, 0 where clipped
+    assert scale.grad is not None and scale.grad != 0  # LSQ-style: the step size is learnable
+
+
+def test_values_on_the_grid_round_trip_exactly():
+    spec = QuantSpec(bits=8, granularity="channel")
+    w = torch.randn(4, 16)
+    once = quantize_tensor(w, spec, is_weight=True)
+    assert torch.allclose(quantize_tensor(once, spec, is_weight=True), once, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity,group", [("channel", None), ("group", 8)])
+def test_adaround_codes_in_a_layer(tiny, granularity, group):
+    config = QuantConfig(weight=QuantSpec(bits=4, granularity=granularity, group_size=group), roles=["fc1"])
+    quantize_model(tiny, config)
+    layer = next(quant_layers(tiny))
+    rtn = layer.quantized_weight().clone()
+    layer.start_adaround()
+    # the soft weight starts at h(V) = frac(W/Δ): the FP weight itself, clipped to the grid's range
+    q = layer.weight_quantizer
+    g = grouped(layer.layer.weight, q.spec, True)
+    clipped = (torch.clamp(g / q.scale + q.zero_point, q.spec.qmin, q.spec.qmax) - q.zero_point) * q.scale
+    torch.testing.assert_close(layer.quantized_weight(), clipped.reshape(rtn.shape), atol=1e-5, rtol=1e-4)
+    layer.finish_adaround()
+    assert layer.adaround is None and layer.weight_codes.dtype == torch.uint8
+    torch.testing.assert_close(layer.quantized_weight(), rtn)  # untrained rounding hardens to round-to-nearest
