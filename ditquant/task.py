@@ -63,6 +63,7 @@ class DiTQuantization(L.LightningModule):
         self.reconstructor: Optional[BlockReconstructor] = None
         self._resume_state: Optional[dict] = None
         self._fit_started = None
+        self._num_fit_steps: Optional[int] = None
 
     def configure_model(self) -> None:
         if self.transformer is not None:
@@ -97,7 +98,9 @@ class DiTQuantization(L.LightningModule):
             raise ValueError("model.quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
         if self.reconstruction is None:
             return 1
-        return 1 + sum(s.iterations for s in plan_stages(self.transformer, self.reconstruction))
+        if self._num_fit_steps is None:  # the stages depend only on the quantized structure, fixed during fit
+            self._num_fit_steps = 1 + sum(s.iterations for s in plan_stages(self.transformer, self.reconstruction))
+        return self._num_fit_steps
 
     @property
     def fit_step(self) -> int:
