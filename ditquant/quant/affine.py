@@ -28,6 +28,12 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize with straight-through rounding; gradients flow to x and scale (LSQ-style)."""
+    """Quantize-dequantize with straight-through rounding; gradients flow to x and scale (LSQ-style).
+
+    Without autograd (sampling) the same values are computed in place on one buffer: (r − x) + x equals r exactly
+    for r = round(x) (Sterbenz), so both paths agree bit for bit.
+    """
+    if not torch.is_grad_enabled():
+        return torch.div(x, scale).round_().add_(zero_point).clamp_(spec.qmin, spec.qmax).sub_(zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, spec.qmin, spec.qmax)
     return (q - zero_point) * scale
