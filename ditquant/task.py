@@ -20,9 +20,8 @@ import torch
 from rich.console import Console
 
 from ditquant.diffusion.samplers import SamplerConfig
-from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator
+from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
 from ditquant.models.dit import DiTConfig
-from ditquant.evaluation.sampling import write_json
 from ditquant.models.loading import DiTSource, load_dit
 from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
 from ditquant.quant.artifact import load_quantized, save_quantized
