@@ -84,7 +84,7 @@ class _ActiveStage:
         self.steps = activation_quantizers(unit) if stage.learn_activations else []
         self.schedule: Optional[RoundingSchedule] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
-        self.losses: list[float] = []
+        self.start_loss: Optional[float] = None
 
 
 class BlockReconstructor:
@@ -106,10 +106,10 @@ class BlockReconstructor:
         for s in self.stages:
             self.starts.append(self.starts[-1] + s.iterations)
         self.step = 0
-        self.summary: list[dict] = []  # per finished stage: unit, first and final loss
+        self.summary: list[dict] = []  # per finished stage: unit, loss before and after (fixed evaluation rows)
         self._active: Optional[_ActiveStage] = None
         self._pending_optimizer_state: Optional[dict] = None
-        self._pending_losses: list[float] = []
+        self._pending_start_loss: Optional[float] = None
         for p in model.parameters():  # only the variables of the active stage are ever trained
             p.requires_grad_(False)
 
@@ -154,7 +154,6 @@ class BlockReconstructor:
         loss.backward()
         active.optimizer.step()
         loss, rec = loss.detach(), rec.detach()
-        active.losses.append(rec.item())
         self.step += 1
         if k == stage.iterations - 1:
             self._finish()
@@ -191,6 +190,10 @@ class BlockReconstructor:
         active.schedule = RoundingSchedule(stage.iterations, self.config.rounding_weight, self.config.warmup,
                                            self.config.beta_start, self.config.beta_end)
         self._fill_cache(active)
+        if self._pending_start_loss is None:
+            active.start_loss = self._evaluate(active)
+        else:
+            active.start_loss, self._pending_start_loss = self._pending_start_loss, None
         groups = []
         if active.layers:
             alphas = [m.adaround.alpha.requires_grad_(True) for m in active.layers]
@@ -202,8 +205,7 @@ class BlockReconstructor:
         active.optimizer = torch.optim.Adam(groups)
         if self._pending_optimizer_state is not None:
             active.optimizer.load_state_dict(self._pending_optimizer_state)
-            active.losses = self._pending_losses
-            self._pending_optimizer_state, self._pending_losses = None, []
+            self._pending_optimizer_state = None
         self._active = active
         log.info("reconstructing %s: stage %d/%d, %d rows cached%s", stage.describe(), index + 1, len(self.stages),
                  active.cache.num_rows, " (on disk)" if active.cache.on_disk else "")
@@ -228,16 +230,32 @@ class BlockReconstructor:
             active.signature = active.signature or signature
             active.cache.write({**rows, "target": target})
 
+    @torch.no_grad()
+    def _evaluate(self, active: _ActiveStage) -> float:
+        """The unit's reconstruction loss with hard rounding on fixed rows (the first ones, up to 8 batches): before
+        optimisation this is round-to-nearest with the initial step sizes, after it the hardened result."""
+        rows = active.cache.batch(torch.arange(min(active.cache.num_rows, 8 * self.config.batch_size)), self._device)
+        soft = [m.adaround for m in active.layers if m.adaround is not None]
+        for a in soft:
+            a.hard = True
+        try:
+            with self._activation_mode(active.stage):
+                out = replay(active.unit, active.signature, rows)
+        finally:
+            for a in soft:
+                a.hard = False
+        return (out - rows["target"]).square().sum(1).mean().item()
+
     def _finish(self) -> None:
         active, self._active = self._active, None
         for m in active.layers:
             m.finish_adaround()
         for q in active.steps:
             q.scale.requires_grad_(False)
+        final = self._evaluate(active)
         active.cache.close()
-        tail = active.losses[-max(1, len(active.losses) // 10):]
         self.summary.append({"unit": active.stage.unit, "stage": active.stage.describe(),
-                             "first_loss": active.losses[0], "final_loss": sum(tail) / len(tail)})
+                             "start_loss": active.start_loss, "final_loss": final})
 
     # ---- resume ----
 
@@ -245,11 +263,11 @@ class BlockReconstructor:
         """Progress and optimizer state (the model's own state dict holds the quantization parameters)."""
         return {"step": self.step, "summary": list(self.summary),
                 "optimizer": self._active.optimizer.state_dict() if self._active is not None else None,
-                "stage_losses": list(self._active.losses) if self._active is not None else []}
+                "stage_start_loss": self._active.start_loss if self._active is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.summary = list(state["summary"])
         self._active = None
         self._pending_optimizer_state = state["optimizer"]
-        self._pending_losses = list(state.get("stage_losses", []))
+        self._pending_start_loss = state.get("stage_start_loss")
