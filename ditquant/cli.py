@@ -46,7 +46,7 @@ class DitQuantCLI(LightningCLI):
         out = Path(self.trainer.default_root_dir) / "test" / "config.yaml"
         if self.trainer.is_global_zero and out.parent.is_dir():
             with atomic_write(out) as tmp:
-                tmp.write_text(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+                tmp.write_text(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_unset=False))
 
     def before_test(self) -> None:
         config = self.config_init[self.subcommand]
