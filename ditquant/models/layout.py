@@ -55,3 +55,21 @@ def layers_by_role(model: nn.Module, roles) -> dict[str, nn.Module]:
 def reconstruction_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of the units block reconstruction optimises one after the other, in forward order."""
     return [(name, m) for name, m in model.named_modules() if UNIT_PATTERN.fullmatch(name)]
+
+
+# ---- the structure re-parameterizations need (PTQ4DiT balancing, DiTAS smoothing) ----
+
+# The adaLN-Zero modulation linear (``norm1.linear``) produces six chunks of ``hidden`` channels, in this order.
+ADALN_CHUNKS = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+# Which modulated activation feeds which linears: the attention input feeds q/k/v, the MLP input feeds fc1.
+MODULATED_INPUTS = {"attention": ("shift_msa", "scale_msa", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+                    "mlp": ("shift_mlp", "scale_mlp", ("ff.net.0.proj",))}
+VALUE_PROJECTION, ATTENTION_OUTPUT = "attn1.to_v", "attn1.to_out.0"
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(model.transformer_blocks)
+
+
+def modulation_linear(block: nn.Module) -> nn.Module:
+    return block.norm1.linear

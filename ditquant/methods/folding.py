@@ -1,0 +1,81 @@
+"""Exact re-parameterizations of a DiT block that move a per-channel factor from an activation into weights.
+
+Balancing (PTQ4DiT) and smoothing (DiTAS) divide a linear's input channel j by s_j and multiply the weight's column
+j by s_j: X·W^T = (X/s)·(W·s)^T. Done online that costs a division per forward; folded, it is free:
+
+- the post-adaLN inputs (q/k/v share the attention input, fc1 reads the MLP input) are x̂·(1 + scale) + shift with
+  scale and shift produced by the adaLN linear, so dividing by s means rows of that linear divide by s and the
+  scale bias becomes (1 + b)/s − 1 (DiT computes 1 + scale);
+- the attention output projection reads softmax(QKᵀ)·V, linear in V per channel, so V's rows divide by s.
+
+Weights are changed in place; a layer already wrapped in a QuantLayer gets its weight quantizer re-initialised.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditquant.models.layout import (ADALN_CHUNKS, ATTENTION_OUTPUT, MODULATED_INPUTS, VALUE_PROJECTION,
+                                    modulation_linear)
+from ditquant.quant.modules import QuantLayer
+
+
+def _linear(module: nn.Module) -> nn.Module:
+    return module.layer if isinstance(module, QuantLayer) else module
+
+
+def _requantize(module: nn.Module) -> None:
+    if isinstance(module, QuantLayer):
+        module.init_weight_quantizer()
+
+
+def _check(s: torch.Tensor, channels: int, where: str) -> torch.Tensor:
+    if s.shape != (channels,) or not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError(f"{where}: the factor must be {channels} finite positive values, got shape {tuple(s.shape)}")
+    return s
+
+
+def _chunk(name: str, hidden: int) -> slice:
+    """The output rows of the adaLN linear that produce chunk ``name``."""
+    i = ADALN_CHUNKS.index(name)
+    return slice(i * hidden, (i + 1) * hidden)
+
+
+@torch.no_grad()
+def scale_input_columns(consumers: list[nn.Module], s: torch.Tensor) -> None:
+    """W[:, j] *= s_j for every consumer (the input it reads is divided by s)."""
+    for m in consumers:
+        lin = _linear(m)
+        lin.weight.mul_(s.to(lin.weight)[None, :])
+        _requantize(m)
+
+
+@torch.no_grad()
+def fold_into_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None:
+    """Divide the block's modulated ``branch`` input ("attention" or "mlp") by s and compensate in its linears."""
+    shift_name, scale_name, consumer_names = MODULATED_INPUTS[branch]
+    ada = modulation_linear(block)
+    lin = _linear(ada)
+    hidden = lin.out_features // len(ADALN_CHUNKS)
+    s = _check(s, hidden, f"fold_into_modulation({branch})").to(lin.weight)
+    shift, scale = (_chunk(name, hidden) for name in (shift_name, scale_name))
+    lin.weight[shift] /= s[:, None]
+    lin.bias[shift] /= s
+    lin.weight[scale] /= s[:, None]
+    lin.bias[scale] = (1 + lin.bias[scale]) / s - 1  # x·(1 + scale)/s = x·(1 + scale')
+    _requantize(ada)
+    scale_input_columns([block.get_submodule(n) for n in consumer_names], s)
+
+
+@torch.no_grad()
+def fold_into_value(block: nn.Module, s: torch.Tensor) -> None:
+    """Divide the attention output projection's input by s through V's rows, and compensate in its weight."""
+    value = block.get_submodule(VALUE_PROJECTION)
+    lin = _linear(value)
+    s = _check(s, lin.out_features, "fold_into_value").to(lin.weight)
+    lin.weight /= s[:, None]
+    if lin.bias is not None:
+        lin.bias /= s
+    _requantize(value)
+    scale_input_columns([block.get_submodule(ATTENTION_OUTPUT)], s)
