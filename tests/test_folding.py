@@ -54,3 +54,29 @@ def test_bad_factor_is_a_clear_error():
         fold_into_value(block, torch.zeros(32))
     with pytest.raises(ValueError, match="32 finite positive"):
         fold_into_modulation(block, "mlp", torch.ones(16))
+
+
+@pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reason="bundled model not trained")
+@pytest.mark.parametrize("salience", ["ssc", "mid"])
+def test_balancing_the_bundled_model_keeps_its_function_and_balances_salience(salience):
+    from ditquant.calibration.dataset import CalibrationSet
+    from ditquant.methods.balancing import balance_model, salience_per_timestep
+    from ditquant.methods.salience import weight_salience
+
+    model = load_dit(DiTSource()).transformer.eval()
+    g = torch.Generator().manual_seed(0)
+    cal = CalibrationSet({"xs": torch.randn(3, 4, 1, 28, 28, generator=g), "ts": torch.tensor([900, 500, 100]),
+                          "ys": torch.arange(4)}, null_label=10, guidance=True)
+    x, t, y = torch.randn(6, 1, 28, 28, generator=g), torch.tensor([0, 100, 300, 500, 800, 999]), torch.arange(6)
+    with torch.no_grad():
+        ref = model(x, t, y).sample
+        report = balance_model(model, cal, salience=salience)
+        torch.testing.assert_close(model(x, t, y).sample, ref, rtol=1e-4, atol=1e-5)
+    assert report["timesteps"] == [100, 500, 900]
+    if salience == "ssc":
+        assert all(abs(sum(eta) - 1) < 1e-6 for eta in report["eta"].values())
+    # after balancing, fc1's input and weight salience meet where they were balanced (mid: exactly at that timestep)
+    _, per_t = salience_per_timestep(model, cal)
+    fc1 = transformer_blocks(model)[0].ff.net[0].proj
+    if salience == "mid":
+        torch.testing.assert_close(per_t[(0, "mlp")][1], weight_salience([fc1.weight]), rtol=1e-3, atol=1e-6)

@@ -1,0 +1,80 @@
+"""PTQ4DiT's salience balancing applied to a DiT: statistics from the calibration set, factors, exact folds.
+
+For every block and each balanced input (the attention input read by q/k/v, the MLP input read by fc1, the attention
+output read by its projection) the activation salience is gathered per calibration timestep with forward
+pre-hooks on the FP model; ``salience: ssc`` weights the timesteps by softmax(−ρ) (PTQ4DiT), ``mid`` takes the middle
+calibration timestep (the paper's "CSB only" ablation). The factors are folded into the adaLN modulation and V rows
+(``folding``), so the balanced FP model computes the same function with no online division.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ditquant.calibration.dataset import collate_pairs
+from ditquant.methods.folding import fold_into_modulation, fold_into_value
+from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
+from ditquant.models.layout import BALANCED_INPUTS, transformer_blocks
+from ditquant.quant.modules import QuantLayer
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    return (module.layer if isinstance(module, QuantLayer) else module).weight
+
+
+@torch.no_grad()
+def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: int = 32
+                          ) -> tuple[list[int], dict[tuple[int, str], torch.Tensor]]:
+    """(timesteps, {(block, input): (T, channels) max |X| per calibration timestep}) from FP forwards."""
+    stats: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    current_t: list[torch.Tensor] = []
+    handles = []
+    for b, block in enumerate(transformer_blocks(model)):
+        for name, (reader, _) in BALANCED_INPUTS.items():
+            def hook(module, args, key=(b, name)):
+                x, t = args[0], current_t[0]
+                per_t = stats.setdefault(key, {})
+                for value in t.unique().tolist():
+                    s = activation_salience(x[t == value])
+                    per_t[value] = torch.maximum(per_t[value], s) if value in per_t else s
+            handles.append(block.get_submodule(reader).register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
+            x, t, y = (batch[k].to(device) for k in ("x", "t", "y"))
+            current_t[:] = [t]
+            model(x, t, y)
+    finally:
+        for h in handles:
+            h.remove()
+    timesteps = sorted(next(iter(stats.values())))
+    return timesteps, {k: torch.stack([v[t] for t in timesteps]) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc") -> dict:
+    """Balance every block of ``model`` in place (the FP function is unchanged); returns the statistics used."""
+    if salience not in ("ssc", "mid"):
+        raise ValueError(f"salience must be 'ssc' or 'mid', got {salience!r}")
+    timesteps, per_t = salience_per_timestep(model, calibration)
+    report = {"timesteps": timesteps, "eta": {}, "factor_range": {}}
+    for b, block in enumerate(transformer_blocks(model)):
+        for name, (_, sharing) in BALANCED_INPUTS.items():
+            sw = weight_salience([_weight(block.get_submodule(m)) for m in sharing])
+            sx_t = per_t[(b, name)]
+            if salience == "ssc":
+                sx, eta = calibrated_salience(sx_t, sw)
+                report["eta"][f"{b}.{name}"] = eta.tolist()
+            else:
+                sx = sx_t[len(timesteps) // 2]
+            f = balancing_factor(sx, sw)
+            report["factor_range"][f"{b}.{name}"] = (f.min().item(), f.max().item())
+            if name == "attn_out":
+                fold_into_value(block, f)
+            else:
+                fold_into_modulation(block, name, f)
+    return report
