@@ -63,6 +63,7 @@ class DiTQuantization(L.LightningModule):
         self._resume_state: Optional[dict] = None
         self._fit_started = None
         self._num_fit_steps: Optional[int] = None
+        self._activations_observed = False
 
     def configure_model(self) -> None:
         if self.transformer is not None:
@@ -102,16 +103,22 @@ class DiTQuantization(L.LightningModule):
         return self._num_fit_steps
 
     @property
+    def activations_observed(self) -> bool:
+        # Walks the model until true (a resumed run finds the ranges in its checkpoint), then stays true.
+        if not self._activations_observed:
+            self._activations_observed = not uncalibrated_layers(self.transformer)
+        return self._activations_observed
+
+    @property
     def fit_step(self) -> int:
         """Completed fit steps (activation observation counts as one)."""
-        observed = not uncalibrated_layers(self.transformer)
-        return int(observed) + (self.reconstructor.step if self.reconstructor is not None else 0)
+        return int(self.activations_observed) + (self.reconstructor.step if self.reconstructor is not None else 0)
 
     def on_train_start(self) -> None:
         self._fit_started = time.perf_counter()
 
     def training_step(self, batch, batch_idx: int) -> None:
-        if uncalibrated_layers(self.transformer):
+        if not self.activations_observed:
             self._observe_activations()
         elif self.reconstruction is not None:
             reconstructor = self._reconstructor()

@@ -81,13 +81,14 @@ def record_calibration_set(model: torch.nn.Module, recipe: CalibrationRecipe, la
                              total=recipe.sampler.num_steps * -(-m // batch_size))
     with progress:
         for start in range(0, m, batch_size):
-            xs.append(_record_chunk(model, recipe, noise, ys, slice(start, start + batch_size), positions, ts,
-                                    lambda *_: progress.advance(task)))
+            chunk, ts = _record_chunk(model, recipe, noise, ys, slice(start, start + batch_size), positions,
+                                      lambda *_: progress.advance(task))
+            xs.append(chunk)
     return {"xs": torch.cat(xs, dim=1).contiguous(), "ts": torch.tensor(ts, dtype=torch.long), "ys": ys}
 
 
-def _record_chunk(model, recipe, noise, ys, chunk: slice, positions: set[int], ts: list, tick) -> torch.Tensor:
-    """Sample trajectories ``chunk`` and return x_t at the recorded positions (N, len(chunk), C, H, W)."""
+def _record_chunk(model, recipe, noise, ys, chunk: slice, positions: set[int], tick) -> tuple[torch.Tensor, list]:
+    """Sample trajectories ``chunk``; return x_t at the recorded positions (N, len(chunk), C, H, W) and their t."""
     device = next(model.parameters()).device
     start = chunk.start
     step_gens = [torch.Generator(device).manual_seed(recipe.seed * 1_000_003 + start + i)
@@ -101,8 +102,7 @@ def _record_chunk(model, recipe, noise, ys, chunk: slice, positions: set[int], t
             times.append(t)
 
     sample(model, noise[chunk].to(device), ys[chunk].to(device), recipe.sampler, step_gens, on_step)
-    ts[:] = times
-    return torch.stack(recorded)
+    return torch.stack(recorded), times
 
 
 def calibration_path(directory: Path, recipe: CalibrationRecipe) -> Path:

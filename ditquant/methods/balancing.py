@@ -34,14 +34,14 @@ def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: in
     current_t: list[torch.Tensor] = []
     handles = []
     for b, block in enumerate(transformer_blocks(model)):
-        for name, (reader, _) in BALANCED_INPUTS.items():
+        for name, sharing in BALANCED_INPUTS.items():
             def hook(module, args, key=(b, name)):
                 x, t = args[0], current_t[0]
                 per_t = stats.setdefault(key, {})
                 for value in t.unique().tolist():
                     s = activation_salience(x[t == value])
                     per_t[value] = torch.maximum(per_t[value], s) if value in per_t else s
-            handles.append(block.get_submodule(reader).register_forward_pre_hook(hook))
+            handles.append(block.get_submodule(sharing[0]).register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
         for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
@@ -63,7 +63,7 @@ def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc
     timesteps, per_t = salience_per_timestep(model, calibration)
     report = {"timesteps": timesteps, "eta": {}, "factor_range": {}}
     for b, block in enumerate(transformer_blocks(model)):
-        for name, (_, sharing) in BALANCED_INPUTS.items():
+        for name, sharing in BALANCED_INPUTS.items():
             sw = weight_salience([_weight(block.get_submodule(m)) for m in sharing])
             sx_t = per_t[(b, name)]
             if salience == "ssc":

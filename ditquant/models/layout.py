@@ -73,7 +73,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def modulation_linear(block: nn.Module) -> nn.Module:
     return block.norm1.linear
-# The linears PTQ4DiT balances, by the input they read: (module reading it, modules sharing that input).
-BALANCED_INPUTS = {"attention": ("attn1.to_q", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
-                   "attn_out": (ATTENTION_OUTPUT, (ATTENTION_OUTPUT,)),
-                   "mlp": ("ff.net.0.proj", ("ff.net.0.proj",))}
+# The linears PTQ4DiT balances, grouped by the input they share (the first one is hooked to observe it).
+BALANCED_INPUTS = {"attention": MODULATED_INPUTS["attention"][2], "attn_out": (ATTENTION_OUTPUT,),
+                   "mlp": MODULATED_INPUTS["mlp"][2]}

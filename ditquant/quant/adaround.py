@@ -34,10 +34,14 @@ class AdaRoundWeight(nn.Module):
         self.alpha = nn.Parameter(torch.logit((frac - GAMMA) / (ZETA - GAMMA)))
         self.hard = False
 
+    def soft_rounding(self) -> torch.Tensor:
+        """h(V), the rectified sigmoid in [0, 1]."""
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
     def rounding(self) -> torch.Tensor:
         if self.hard:
             return (self.alpha >= 0).to(self.alpha.dtype)
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        return self.soft_rounding()
 
     def codes(self) -> torch.Tensor:
         return torch.clamp(self.floor + self.rounding() + self.zero_point, self.spec.qmin, self.spec.qmax)
@@ -55,8 +59,7 @@ class AdaRoundWeight(nn.Module):
             self.hard = hard
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        h = torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+        return (1 - (2 * self.soft_rounding() - 1).abs().pow(beta)).sum()
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class QuantLayer(nn.Module):
         return self.weight_quantizer.scale is not None
 
     def start_adaround(self) -> AdaRoundWeight:
-        """Attach learnable rounding, initialised at round-to-nearest on the weight quantizer's grid."""
+        """Attach learnable rounding on the weight quantizer's grid (soft start = the FP weight, hard = RTN)."""
         q = self.weight_quantizer
         self.adaround = AdaRoundWeight(grouped(self.layer.weight, q.spec, True), q.scale, q.zero_point, q.spec)
         self.weight_codes = None

@@ -51,48 +51,44 @@ def _split(args: tuple, kwargs: dict, batch: int) -> tuple[CallSignature, dict[s
     return sig, rows
 
 
-def capture_input(model_forward: Callable[[], Any], unit: nn.Module, batch: int
-                  ) -> tuple[CallSignature, dict[str, torch.Tensor]]:
-    """Run ``model_forward`` until ``unit`` is called; return how it was called and its batch tensors."""
-    seen: dict = {}
+def _run_until_hook(model_forward: Callable[[], Any], unit: nn.Module, register) -> Any:
+    """Run ``model_forward`` with a hook on ``unit`` (installed by ``register(unit, record)``) that records one value
+    and stops the forward; return the recorded value."""
+    seen: list = []
 
-    def hook(module, args, kwargs):
-        seen["call"] = _split(args, kwargs, batch)
+    def record(value):
+        seen.append(value)
         raise _Captured
 
-    handle = unit.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = register(unit, record)
     try:
         model_forward()
     except _Captured:
         pass
     finally:
         handle.remove()
-    if "call" not in seen:
+    if not seen:
         raise RuntimeError(f"{type(unit).__name__} was not called by the model forward")
-    return seen["call"]
+    return seen[0]
+
+
+def capture_input(model_forward: Callable[[], Any], unit: nn.Module, batch: int
+                  ) -> tuple[CallSignature, dict[str, torch.Tensor]]:
+    """Run ``model_forward`` until ``unit`` is called; return how it was called and its batch tensors."""
+    return _run_until_hook(model_forward, unit, lambda m, record: m.register_forward_pre_hook(
+        lambda module, args, kwargs: record(_split(args, kwargs, batch)), with_kwargs=True))
 
 
 def capture_output(model_forward: Callable[[], Any], unit: nn.Module) -> torch.Tensor:
     """Run ``model_forward`` until ``unit`` returns; return its output (a tensor)."""
-    seen: dict = {}
+    return _run_until_hook(model_forward, unit, lambda m, record: m.register_forward_hook(
+        lambda module, args, output: record(_first(output))))
 
-    def hook(module, args, output):
-        seen["out"] = output[0] if isinstance(output, tuple) else output
-        raise _Captured
 
-    handle = unit.register_forward_hook(hook)
-    try:
-        model_forward()
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    if "out" not in seen:
-        raise RuntimeError(f"{type(unit).__name__} was not called by the model forward")
-    return seen["out"]
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 def replay(unit: nn.Module, signature: CallSignature, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     args, kwargs = signature.bind(rows)
-    out = unit(*args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return _first(unit(*args, **kwargs))

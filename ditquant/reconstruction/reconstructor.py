@@ -215,7 +215,7 @@ class BlockReconstructor:
         """FP outputs of the unit (targets) and its inputs from the quantized prefix, over the calibration set."""
         loader = DataLoader(self.calibration, batch_size=self.config.batch_size, shuffle=False,
                             collate_fn=collate_pairs)
-        num_rows = sum(len(b["t"]) for b in loader)
+        num_rows = len(self.calibration) * self.calibration[0]["t"].numel()  # an entry is one row or a guidance pair
         spill = self.spill_dir / f"stage{active.index:03d}" if self.spill_dir is not None else None
         active.cache = UnitCache(num_rows, int(self.config.cache_memory_gb * 2**30), spill)
         for batch in loader:
