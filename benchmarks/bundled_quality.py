@@ -1,6 +1,9 @@
 """Quality table of the bundled model: FP and each quantization config, measured by ``ditquant fit/test``.
 
     python benchmarks/bundled_quality.py configs/rtn_w8a8.yaml configs/rtn_w4a8.yaml [--num-samples 1000]
+    python benchmarks/bundled_quality.py configs/ptq4dit_w4a8.yaml+configs/ablations/ptq4dit_csb_mid.yaml
+
+A row may compose configs with ``+`` (an ablation overlay after its method config); it is named after the last one.
 
 Runs ``ditquant test --config configs/fp.yaml`` and, per config, ``ditquant fit`` then ``ditquant test``, each in
 ``runs/quality/<name>``; prints a markdown table of FID vs data, FID vs FP, PSNR vs FP and calibration time
@@ -23,25 +26,27 @@ def ditquant(*args: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("configs", nargs="+", type=Path)
+    p.add_argument("configs", nargs="+", help="config files, or a+b to compose them (named after the last)")
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--reuse", action="store_true", help="keep configs whose metrics.json exists (resume a table)")
     args = p.parse_args()
 
     rows = []
-    for config in [Path("configs/fp.yaml"), *args.configs]:
-        root = args.out / config.stem
-        common = ["--config", str(config), "--trainer.default_root_dir", str(root),
+    for row in ["configs/fp.yaml", *args.configs]:
+        configs = [Path(c) for c in row.split("+")]
+        name = configs[-1].stem
+        root = args.out / name
+        common = [*(arg for c in configs for arg in ("--config", str(c))), "--trainer.default_root_dir", str(root),
                   "--data.num_test_samples", str(args.num_samples), "--trainer.enable_progress_bar", "false"]
         if not (args.reuse and (root / "test" / "metrics.json").is_file()):
-            if config.stem != "fp":
+            if name != "fp":
                 ditquant("fit", *common)
             ditquant("test", *common)
         metrics = json.loads((root / "test" / "metrics.json").read_text())
-        fit_s = (None if config.stem == "fp" else
+        fit_s = (None if name == "fp" else
                  json.loads((root / "quantized" / "fit_summary.json").read_text())["fit_seconds"])
-        rows.append((config.stem, metrics, fit_s))
+        rows.append((name, metrics, fit_s))
 
     sampler = rows[0][1]["sampler"]
     print(f"\n{args.num_samples} samples, DDPM {sampler['num_steps']} steps, cfg {sampler['cfg_scale']}, seed 0\n")

@@ -1,8 +1,9 @@
 """The LightningModule behind ``ditquant fit`` / ``ditquant test``.
 
-fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest); the first step observes the activation
-ranges of the FP model over the calibration set (static quantizers); every further step is one step of block
-reconstruction (``BlockReconstructor``), whose progress and optimizer state travel in the Lightning checkpoint so
+fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest); a method's pre-processing callback
+(``ditquant.methods.callbacks``, e.g. PTQ4DiT's balancing) rewrites the weights at the first step, which then
+observes the activation ranges of the FP model over the calibration set (static quantizers); every further step is
+one step of block reconstruction (``BlockReconstructor``), whose progress and optimizer state travel in the Lightning checkpoint so
 that ``--ckpt_path last`` resumes mid-unit. At the end the calibrated model is saved to
 ``<default_root_dir>/quantized``. test: paired, seeded sampling of the quantized and FP models, FID / PSNR, samples
 written to ``<default_root_dir>/test``.
@@ -21,6 +22,7 @@ from rich.console import Console
 
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
+from ditquant.methods.callbacks import Preprocessing
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit
 from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
@@ -164,6 +166,8 @@ class DiTQuantization(L.LightningModule):
             save_quantized(self.transformer, root / "quantized", self.dit_source, self.quant)
             summary = {"label": self.quant.label(), "weight_sqnr_db": weight_sqnr_db(self.transformer),
                        "fit_seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
+                       "preprocessing": {cb.name: cb.report for cb in self.trainer.callbacks
+                                         if isinstance(cb, Preprocessing)},
                        "reconstruction": self.reconstructor.summary if self.reconstructor is not None else []}
             write_json(summary, root / "quantized" / "fit_summary.json")
         log.info("weight SQNR %.2f dB; calibrated model saved to %s", weight_sqnr_db(self.transformer),

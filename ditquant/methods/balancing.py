@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ditquant.calibration.dataset import collate_pairs
 from ditquant.methods.folding import fold_into_modulation, fold_into_value
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
-from ditquant.models.layout import BALANCED_INPUTS, transformer_blocks
+from ditquant.models.layout import BALANCED_INPUTS, modulation_linear, transformer_blocks
 from ditquant.quant.modules import QuantLayer
 
 
@@ -56,11 +56,14 @@ def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: in
 
 
 @torch.no_grad()
-def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc") -> dict:
+def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc",
+                  batch_size: int = 32) -> dict:
     """Balance every block of ``model`` in place (the FP function is unchanged); returns the statistics used."""
     if salience not in ("ssc", "mid"):
         raise ValueError(f"salience must be 'ssc' or 'mid', got {salience!r}")
-    timesteps, per_t = salience_per_timestep(model, calibration)
+    for block in transformer_blocks(model):
+        modulation_linear(block)  # every block must have a modulation to fold into, checked before any work
+    timesteps, per_t = salience_per_timestep(model, calibration, batch_size)
     report = {"timesteps": timesteps, "eta": {}, "factor_range": {}}
     for b, block in enumerate(transformer_blocks(model)):
         for name, sharing in BALANCED_INPUTS.items():

@@ -68,11 +68,24 @@ VALUE_PROJECTION, ATTENTION_OUTPUT = "attn1.to_v", "attn1.to_out.0"
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    return list(model.transformer_blocks)
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no transformer_blocks: not a diffusers DiT")
+    return list(blocks)
 
 
 def modulation_linear(block: nn.Module) -> nn.Module:
-    return block.norm1.linear
+    """The block's adaLN-Zero linear (6 chunks); a clear error for blocks without one (e.g. PixArt's adaLN-single,
+    whose shift/scale come from a table shared by all blocks: there is no per-block linear to fold into)."""
+    norm = getattr(block, "norm1", None)
+    linear = getattr(norm, "linear", None)
+    weight = getattr(getattr(linear, "layer", linear), "weight", None)
+    hidden = getattr(getattr(block, "attn1", None), "inner_dim", None)
+    if weight is None or hidden is None or weight.shape[0] != len(ADALN_CHUNKS) * hidden:
+        raise ValueError(f"{type(block).__name__} with norm {type(norm).__name__} has no adaLN-Zero modulation "
+                         f"(norm1.linear producing {'/'.join(ADALN_CHUNKS)}) to fold a per-channel factor into; "
+                         "balancing and smoothing support DiT blocks (diffusers norm_type 'ada_norm_zero')")
+    return linear
 # The linears PTQ4DiT balances, grouped by the input they share (the first one is hooked to observe it).
 BALANCED_INPUTS = {"attention": MODULATED_INPUTS["attention"][2], "attn_out": (ATTENTION_OUTPUT,),
                    "mlp": MODULATED_INPUTS["mlp"][2]}
