@@ -56,15 +56,15 @@ def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: in
 
 
 @torch.no_grad()
-def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc",
-                  batch_size: int = 32) -> dict:
-    """Balance every block of ``model`` in place (the FP function is unchanged); returns the statistics used."""
+def balancing_factors(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc",
+                      batch_size: int = 32) -> tuple[dict[tuple[int, str], torch.Tensor], dict]:
+    """({(block, input): f} for every balanced input, the statistics behind them); the model is not changed."""
     if salience not in ("ssc", "mid"):
         raise ValueError(f"salience must be 'ssc' or 'mid', got {salience!r}")
     for block in transformer_blocks(model):
         modulation_linear(block)  # every block must have a modulation to fold into, checked before any work
     timesteps, per_t = salience_per_timestep(model, calibration, batch_size)
-    report = {"timesteps": timesteps, "eta": {}, "factor_range": {}}
+    factors, report = {}, {"timesteps": timesteps, "eta": {}, "factor_range": {}}
     for b, block in enumerate(transformer_blocks(model)):
         for name, sharing in BALANCED_INPUTS.items():
             sw = weight_salience([_weight(block.get_submodule(m)) for m in sharing])
@@ -74,10 +74,25 @@ def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc
                 report["eta"][f"{b}.{name}"] = eta.tolist()
             else:
                 sx = sx_t[len(timesteps) // 2]
-            f = balancing_factor(sx, sw)
+            f = factors[(b, name)] = balancing_factor(sx, sw)
             report["factor_range"][f"{b}.{name}"] = (f.min().item(), f.max().item())
+    return factors, report
+
+
+@torch.no_grad()
+def fold_balancing(model: nn.Module, factors: dict[tuple[int, str], torch.Tensor]) -> None:
+    """Fold each factor: q/k/v's and fc1's into the adaLN modulation, the attention output's into V's rows."""
+    for b, block in enumerate(transformer_blocks(model)):
+        for name in BALANCED_INPUTS:
             if name == "attn_out":
-                fold_into_value(block, f)
+                fold_into_value(block, factors[(b, name)])
             else:
-                fold_into_modulation(block, name, f)
+                fold_into_modulation(block, name, factors[(b, name)])
+
+
+def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc",
+                  batch_size: int = 32) -> dict:
+    """Balance every block of ``model`` in place (the FP function is unchanged); returns the statistics used."""
+    factors, report = balancing_factors(model, calibration, salience, batch_size)
+    fold_balancing(model, factors)
     return report
