@@ -30,6 +30,14 @@ def _requantize(module: nn.Module) -> None:
         module.init_weight_quantizer()
 
 
+def _ensure_foldable(modules: list[nn.Module]) -> None:
+    """Checked before any weight changes: a fold cannot reach a quantized weight that no longer follows W."""
+    for m in modules:
+        if isinstance(m, QuantLayer) and m.frozen_weight:
+            raise ValueError(f"{m.name}: its quantized weight is already fixed (reconstructed or low-rank "
+                             "compensated); fold factors into the model before that")
+
+
 def _check(s: torch.Tensor, channels: int, where: str) -> torch.Tensor:
     if s.shape != (channels,) or not torch.isfinite(s).all() or (s <= 0).any():
         raise ValueError(f"{where}: the factor must be {channels} finite positive values, got shape {tuple(s.shape)}")
@@ -45,6 +53,7 @@ def _chunk(name: str, hidden: int) -> slice:
 @torch.no_grad()
 def scale_input_columns(consumers: list[nn.Module], s: torch.Tensor) -> None:
     """W[:, j] *= s_j for every consumer (the input it reads is divided by s)."""
+    _ensure_foldable(consumers)
     for m in consumers:
         lin = _linear(m)
         lin.weight.mul_(s.to(lin.weight)[None, :])
@@ -56,6 +65,7 @@ def fold_into_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None
     """Divide the block's modulated ``branch`` input ("attention" or "mlp") by s and compensate in its linears."""
     shift_name, scale_name, consumer_names = MODULATED_INPUTS[branch]
     ada = modulation_linear(block)
+    _ensure_foldable([ada, *(block.get_submodule(n) for n in consumer_names)])
     lin = _linear(ada)
     hidden = lin.out_features // len(ADALN_CHUNKS)
     s = _check(s, hidden, f"fold_into_modulation({branch})").to(lin.weight)
@@ -72,6 +82,7 @@ def fold_into_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None
 def fold_into_value(block: nn.Module, s: torch.Tensor) -> None:
     """Divide the attention output projection's input by s through V's rows, and compensate in its weight."""
     value = block.get_submodule(VALUE_PROJECTION)
+    _ensure_foldable([value, block.get_submodule(ATTENTION_OUTPUT)])
     lin = _linear(value)
     s = _check(s, lin.out_features, "fold_into_value").to(lin.weight)
     lin.weight /= s[:, None]

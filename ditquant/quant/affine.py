@@ -27,6 +27,11 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> t
     return scale, zero_point
 
 
+def integer_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The grid values round(x / scale) + zero_point, clamped (as floats)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, spec.qmin, spec.qmax)
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize-dequantize with straight-through rounding; gradients flow to x and scale (LSQ-style).
 

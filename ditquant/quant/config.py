@@ -51,8 +51,9 @@ class QuantConfig:
             unknown = sorted(set(roles) - set(ROLES))
             if unknown:
                 raise ValueError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
-        if self.weight.granularity == "token":
-            raise ValueError("quant.weight.granularity 'token' is for activations; use 'channel' or 'group'")
+        if self.weight.granularity in ("token", "sample"):
+            raise ValueError(f"quant.weight.granularity {self.weight.granularity!r} is for activations; use "
+                             "'channel' or 'group'")
 
     def specs_for(self, role: str) -> tuple[QuantSpec, QuantSpec]:
         weight, activation = self.weight, self.activation

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditquant.quant.adaround import AdaRoundWeight
+from ditquant.quant.affine import integer_codes
+from ditquant.quant.lora import low_rank_quantize
 from ditquant.quant.quantizer import UniformQuantizer, grouped
 from ditquant.quant.spec import QuantSpec
 
@@ -29,7 +31,9 @@ class QuantLayer(nn.Module):
     """Wraps one Linear or Conv2d: y = layer(Q_a(x)) with weight Q_w(W). Keeps the FP weight for reconstruction.
 
     The quantized weight is, in order of precedence: the soft AdaRound weight while a reconstruction learns it
-    (``adaround``), the hard integer codes it ended with (``weight_codes``), or round-to-nearest of W.
+    (``adaround``), the hard integer codes it ended with (``weight_codes``), or round-to-nearest of W. With low-rank
+    compensation (``compensate_low_rank``, DiTAS) the codes quantize W − L·R and a full-precision branch L·R reads
+    the same quantized input: y = Q_w(W − L·R)·Q_a(x) + L·(R·Q_a(x)) + b.
     """
 
     def __init__(self, layer: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec, name: str = ""):
@@ -42,6 +46,8 @@ class QuantLayer(nn.Module):
         self.input_quantizer = UniformQuantizer(input_spec, False, _scale_shape(input_spec, layer.weight, False))
         self.adaround: Optional[AdaRoundWeight] = None
         self.register_buffer("weight_codes", None)
+        self.register_buffer("lora_left", None)
+        self.register_buffer("lora_right", None)
         self._inference_weight: Optional[tuple[tuple, torch.Tensor]] = None
 
     @torch.no_grad()
@@ -64,9 +70,34 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def finish_adaround(self) -> None:
         """Harden the learned rounding into integer codes and drop the soft variables."""
-        codes = self.adaround.hard_codes()
-        self.weight_codes = codes.to(torch.int8 if self.weight_quantizer.spec.symmetric else torch.uint8)
+        self._store_codes(self.adaround.hard_codes())
         self.adaround = None
+
+    def _store_codes(self, codes: torch.Tensor) -> None:
+        self.weight_codes = codes.to(torch.int8 if self.weight_quantizer.spec.symmetric else torch.uint8)
+
+    @property
+    def frozen_weight(self) -> bool:
+        """The quantized weight is no longer a function of the FP weight alone (codes or a low-rank branch): a
+        re-parameterization of W must come before whatever produced it."""
+        return self.weight_codes is not None or self.lora_left is not None or self.adaround is not None
+
+    @torch.no_grad()
+    def compensate_low_rank(self, rank: int, iterations: int) -> list[float]:
+        """DiTAS's training-free LoRA: codes of Q(W − L·R) and the FP branch L·R; returns the error per iterate."""
+        if not isinstance(self.layer, nn.Linear) or not self.learns_rounding:
+            raise ValueError(f"{self.name}: low-rank compensation needs a Linear with a static weight quantizer")
+        q = self.weight_quantizer
+
+        def quantize(w: torch.Tensor) -> torch.Tensor:
+            q.init_from(w)
+            return q(w)
+
+        result = low_rank_quantize(self.layer.weight, quantize, rank, iterations)
+        q.init_from(result.quantized_input)
+        self._store_codes(integer_codes(grouped(result.quantized_input, q.spec, True), q.scale, q.zero_point, q.spec))
+        self.lora_left, self.lora_right = result.left, result.right
+        return result.errors
 
     def quantized_weight(self) -> torch.Tensor:
         q, w = self.weight_quantizer, self.layer.weight
@@ -95,14 +126,18 @@ class QuantLayer(nn.Module):
         w = self.quantized_weight()
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
-        return F.linear(x, w, self.layer.bias)
+        out = F.linear(x, w, self.layer.bias)
+        if self.lora_left is not None and w is not self.layer.weight:  # the FP model (quantizers off) has no branch
+            out = out + F.linear(F.linear(x, self.lora_right), self.lora_left)
+        return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint may hold codes (finished reconstruction) or soft rounding (a unit in progress): make room for
         # them before loading, so that a fresh model loads any checkpoint of the same configuration.
-        codes = state_dict.get(prefix + "weight_codes")
-        if codes is not None and self.weight_codes is None:
-            self.weight_codes = torch.empty_like(codes)
+        for name in ("weight_codes", "lora_left", "lora_right"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(saved))
         if prefix + "adaround.alpha" in state_dict and self.adaround is None:
             self.start_adaround()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

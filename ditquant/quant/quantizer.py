@@ -3,7 +3,7 @@ calibration set) or dynamic ones (computed from every input).
 
 Scales are laid out so that they broadcast against the tensor after ``grouped`` reshaping:
 weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); activations (..., in) -> per token (..., 1),
-per group (..., in/g, 1); per tensor: a scalar.
+per group (..., in/g, 1), per sample (batch, 1); per tensor: a scalar.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ def grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
     if spec.granularity == "token":
         return x
+    if spec.granularity == "sample":
+        if is_weight:
+            raise ValueError("granularity 'sample' is for activations; use 'channel' or 'group' for weights")
+        return x.reshape(x.shape[0], -1)
     n = x.shape[-1] if not is_weight else x.reshape(x.shape[0], -1).shape[1]
     if n % spec.group_size:
         raise ValueError(f"group size {spec.group_size} does not divide the {n} input channels")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-Granularity = Literal["tensor", "channel", "group", "token"]
-GRANULARITIES = ("tensor", "channel", "group", "token")
+Granularity = Literal["tensor", "channel", "group", "token", "sample"]
+GRANULARITIES = ("tensor", "channel", "group", "token", "sample")
 INITS = ("minmax", "percentile", "mse")
 
 
@@ -18,7 +18,8 @@ class QuantSpec:
         bits: bit width, 2–8; 16 means "not quantized".
         symmetric: signed grid around zero (no zero point) instead of an asymmetric min–max grid.
         granularity: one scale per ``tensor``, per output ``channel`` (weights), per ``group`` of ``group_size``
-            contiguous input channels, or per ``token`` (activations, dynamic only).
+            contiguous input channels, per ``token`` or per ``sample`` (activations, dynamic only: one range per row
+            of the batch, so a sample's result does not depend on what else is in the batch).
         group_size: channels per group when granularity is ``group``.
         dynamic: scales computed from each input at run time (no calibrated parameters).
         init: how a static range is initialised: ``minmax``; ``percentile`` (the (1−p, p) quantiles); ``mse``
@@ -54,6 +55,9 @@ class QuantSpec:
             raise ValueError(f"lp must be positive, got {self.lp}")
         if self.granularity == "token" and not self.dynamic:
             raise ValueError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
+        if self.granularity == "sample" and not self.dynamic:
+            raise ValueError("granularity 'sample' needs dynamic: true (a static range is shared by every sample; "
+                             "use 'tensor')")
 
     @property
     def enabled(self) -> bool:
