@@ -13,12 +13,16 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ditquant.calibration.dataset import collate_pairs
 from ditquant.methods.folding import fold_into_modulation, fold_into_value
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
-from ditquant.models.layout import BALANCED_INPUTS, modulation_linear, transformer_blocks
+from ditquant.methods.statistics import visit_block_inputs
+from ditquant.models.layout import (
+    BALANCED_INPUTS,
+    modulation_linear,
+    transformer_blocks,
+)
 from ditquant.quant.modules import QuantLayer
 
 
@@ -26,31 +30,18 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return (module.layer if isinstance(module, QuantLayer) else module).weight
 
 
-@torch.no_grad()
 def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: int = 32
                           ) -> tuple[list[int], dict[tuple[int, str], torch.Tensor]]:
     """(timesteps, {(block, input): (T, channels) max |X| per calibration timestep}) from FP forwards."""
     stats: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    current_t: list[torch.Tensor] = []
-    handles = []
-    for b, block in enumerate(transformer_blocks(model)):
-        for name, sharing in BALANCED_INPUTS.items():
-            def hook(module, args, key=(b, name)):
-                x, t = args[0], current_t[0]
-                per_t = stats.setdefault(key, {})
-                for value in t.unique().tolist():
-                    s = activation_salience(x[t == value])
-                    per_t[value] = torch.maximum(per_t[value], s) if value in per_t else s
-            handles.append(block.get_submodule(sharing[0]).register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
-    try:
-        for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
-            x, t, y = (batch[k].to(device) for k in ("x", "t", "y"))
-            current_t[:] = [t]
-            model(x, t, y)
-    finally:
-        for h in handles:
-            h.remove()
+
+    def visit(key, x, t):
+        per_t = stats.setdefault(key, {})
+        for value in t.unique().tolist():
+            s = activation_salience(x[t == value])
+            per_t[value] = torch.maximum(per_t[value], s) if value in per_t else s
+
+    visit_block_inputs(model, calibration, BALANCED_INPUTS, visit, batch_size)
     timesteps = sorted(next(iter(stats.values())))
     return timesteps, {k: torch.stack([v[t] for t in timesteps]) for k, v in stats.items()}
 

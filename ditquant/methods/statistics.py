@@ -1,0 +1,41 @@
+"""One FP pass over the calibration set that hands every watched linear input to a visitor (no copies kept).
+
+Balancing (PTQ4DiT) and smoothing (DiTAS) need per-channel statistics of the inputs of the block linears over all
+calibration timesteps; inputs shared by several linears (q/k/v) are watched once, on the first of them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ditquant.calibration.dataset import collate_pairs
+from ditquant.models.layout import transformer_blocks
+
+# visit((block index, input name), input activation (rows, tokens, channels), timestep of every row)
+Visitor = Callable[[tuple[int, str], torch.Tensor, torch.Tensor], None]
+
+
+@torch.no_grad()
+def visit_block_inputs(model: nn.Module, calibration: Dataset, inputs: dict[str, tuple[str, ...]], visit: Visitor,
+                       batch_size: int = 32) -> None:
+    """Run ``model`` over ``calibration`` and call ``visit`` on the input of ``inputs[name][0]`` in every block."""
+    current_t: list[torch.Tensor] = []
+    handles = []
+    for b, block in enumerate(transformer_blocks(model)):
+        for name, consumers in inputs.items():
+            def hook(module, args, key=(b, name)):
+                visit(key, args[0], current_t[0])
+            handles.append(block.get_submodule(consumers[0]).register_forward_pre_hook(hook))
+    device = next(model.parameters()).device
+    try:
+        for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
+            x, t, y = (batch[k].to(device) for k in ("x", "t", "y"))
+            current_t[:] = [t]
+            model(x, t, y)
+    finally:
+        for h in handles:
+            h.remove()
