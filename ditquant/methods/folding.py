@@ -8,6 +8,9 @@ j by s_j: X·W^T = (X/s)·(W·s)^T. Done online that costs a division per forwar
   scale bias becomes (1 + b)/s − 1 (DiT computes 1 + scale);
 - the attention output projection reads softmax(QKᵀ)·V, linear in V per channel, so V's rows divide by s.
 
+An input with nothing linear in front of it (fc2's, after GELU) can only be divided on the fly: ``divide_online``
+keeps s in the QuantLayer (one per-channel division per forward, stated by DiTAS).
+
 Weights are changed in place; a layer already wrapped in a QuantLayer gets its weight quantizer re-initialised.
 """
 
@@ -90,3 +93,13 @@ def fold_into_value(block: nn.Module, s: torch.Tensor) -> None:
         lin.bias /= s
     _requantize(value)
     scale_input_columns([block.get_submodule(ATTENTION_OUTPUT)], s)
+
+
+@torch.no_grad()
+def divide_online(layer: QuantLayer, s: torch.Tensor) -> None:
+    """x / s at run time in front of ``layer``'s input quantizer, and W's columns multiplied by s."""
+    if not isinstance(layer, QuantLayer):
+        raise ValueError("divide_online needs a QuantLayer (the division lives in its forward)")
+    s = _check(s, layer.layer.in_features, f"divide_online({layer.name})").to(layer.layer.weight)
+    scale_input_columns([layer], s)
+    layer.input_divisor = s * layer.input_divisor if layer.input_divisor is not None else s.clone()

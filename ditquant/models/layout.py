@@ -89,3 +89,6 @@ def modulation_linear(block: nn.Module) -> nn.Module:
 # The linears PTQ4DiT balances, grouped by the input they share (the first one is hooked to observe it).
 BALANCED_INPUTS = {"attention": MODULATED_INPUTS["attention"][2], "attn_out": (ATTENTION_OUTPUT,),
                    "mlp": MODULATED_INPUTS["mlp"][2]}
+# DiTAS also smooths fc2's input (after GELU: nothing to fold into, divided on the fly).
+MLP_OUTPUT = "ff.net.2"
+SMOOTHED_INPUTS = {**BALANCED_INPUTS, "fc2": (MLP_OUTPUT,)}

@@ -48,6 +48,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("weight_codes", None)
         self.register_buffer("lora_left", None)
         self.register_buffer("lora_right", None)
+        self.register_buffer("input_divisor", None)  # per-channel x / s at run time (smoothing with nowhere to fold)
         self._inference_weight: Optional[tuple[tuple, torch.Tensor]] = None
 
     @torch.no_grad()
@@ -122,6 +123,8 @@ class QuantLayer(nn.Module):
         return q(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_divisor is not None:
+            x = x / self.input_divisor
         x = self.input_quantizer(x)
         w = self.quantized_weight()
         if isinstance(self.layer, nn.Conv2d):
@@ -134,7 +137,7 @@ class QuantLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A checkpoint may hold codes (finished reconstruction) or soft rounding (a unit in progress): make room for
         # them before loading, so that a fresh model loads any checkpoint of the same configuration.
-        for name in ("weight_codes", "lora_left", "lora_right"):
+        for name in ("weight_codes", "lora_left", "lora_right", "input_divisor"):
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))

@@ -1,0 +1,105 @@
+"""DiTAS's temporal-aggregated smoothing (TAS) with a per-input α grid search, applied to a DiT.
+
+For the inputs of q/k/v (shared), the attention output projection, fc1 and fc2 of every block:
+
+- a_j = max |X_j| over the whole calibration set (every timestep of the trajectory: the "temporal aggregation");
+- w_j = max |W_{:,j}| over the linears reading the input; s_j(α) = a_j^α / w_j^(1−α) (clamped at 1e-4), X / s
+  and W · s;
+- α from a grid (0, 0.05, …, 1) minimising the layer's output MSE ‖Q_a(X/s)·Q_w(W·s)ᵀ − X·Wᵀ‖² summed over the
+  calibration set, with the weight re-quantized per candidate (per output channel, so s changes the weight error,
+  unlike the official code's input-column groups) and activations quantized as configured (dynamic: per sample).
+
+A static activation spec is scored with each batch's own range (the calibrated range is not known yet).
+All inputs are FP activations (the FP function does not change under folding), so one calibration pass scores every
+α of every layer at once: the official code's layer-by-layer visiting order gives the same result.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ditquant.methods.folding import divide_online, fold_into_modulation, fold_into_value
+from ditquant.methods.salience import activation_salience, weight_salience
+from ditquant.methods.statistics import visit_block_inputs
+from ditquant.models.layout import SMOOTHED_INPUTS, transformer_blocks
+from ditquant.quant.modules import QuantLayer
+from ditquant.quant.quantizer import quantize_tensor
+from ditquant.quant.spec import QuantSpec
+
+ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+EPS = 1e-4
+
+
+def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"the α grid must be a non-empty list of values in [0, 1], got {list(alphas)}")
+    return tuple(float(a) for a in alphas)
+
+
+def smoothing_factor(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = a_j^α / w_j^(1−α): X is divided by s and W's columns multiplied by it (α = ½: PTQ4DiT's CSB)."""
+    return (act_max.clamp(min=EPS) ** alpha / weight_max.clamp(min=EPS) ** (1 - alpha)).clamp(min=EPS)
+
+
+def _weights(block: nn.Module, consumers: tuple[str, ...]) -> torch.Tensor:
+    """The FP weights reading one input, stacked along the outputs (q, k and v together)."""
+    mods = [block.get_submodule(c) for c in consumers]
+    return torch.cat([(m.layer if isinstance(m, QuantLayer) else m).weight for m in mods])
+
+
+@torch.no_grad()
+def temporal_max(model: nn.Module, calibration: Dataset, batch_size: int = 32) -> dict[tuple[int, str], torch.Tensor]:
+    """{(block, input): max |X_j| over every calibration row and timestep} (TAS's statistic)."""
+    stats: dict[tuple[int, str], torch.Tensor] = {}
+
+    def visit(key, x, t):
+        s = activation_salience(x)
+        stats[key] = torch.maximum(stats[key], s) if key in stats else s
+
+    visit_block_inputs(model, calibration, SMOOTHED_INPUTS, visit, batch_size)
+    return stats
+
+
+@torch.no_grad()
+def alpha_losses(model: nn.Module, calibration: Dataset, act_max: dict[tuple[int, str], torch.Tensor],
+                 weight_spec: QuantSpec, act_spec: QuantSpec, alphas: Sequence[float] = ALPHA_GRID,
+                 batch_size: int = 32) -> dict[tuple[int, str], torch.Tensor]:
+    """{(block, input): output MSE per α} over one calibration pass (weights re-quantized per candidate)."""
+    alphas = check_alphas(alphas)
+    blocks = transformer_blocks(model)
+    weights = {(b, name): _weights(blocks[b], consumers)
+               for b in range(len(blocks)) for name, consumers in SMOOTHED_INPUTS.items()}
+    sums = {key: torch.zeros(len(alphas), dtype=torch.float64) for key in weights}
+    counts = dict.fromkeys(weights, 0)
+
+    def visit(key, x, t):
+        w = weights[key]
+        reference = x @ w.T
+        w_max = weight_salience([w])
+        for i, alpha in enumerate(alphas):
+            s = smoothing_factor(act_max[key], w_max, alpha)
+            xq = quantize_tensor(x / s, act_spec, False)
+            wq = quantize_tensor(w * s, weight_spec, True)
+            sums[key][i] += (xq @ wq.T - reference).double().pow(2).sum()
+        counts[key] += reference.numel()
+
+    visit_block_inputs(model, calibration, SMOOTHED_INPUTS, visit, batch_size)
+    return {key: sums[key] / max(counts[key], 1) for key in sums}
+
+
+@torch.no_grad()
+def fold_smoothing(model: nn.Module, factors: dict[tuple[int, str], torch.Tensor]) -> None:
+    """q/k/v's and fc1's factors into the adaLN modulation, the attention output's into V's rows, fc2's on the fly."""
+    for b, block in enumerate(transformer_blocks(model)):
+        for name in SMOOTHED_INPUTS:
+            s = factors[(b, name)]
+            if name == "attn_out":
+                fold_into_value(block, s)
+            elif name == "fc2":
+                divide_online(block.get_submodule(SMOOTHED_INPUTS["fc2"][0]), s)
+            else:
+                fold_into_modulation(block, name, s)
