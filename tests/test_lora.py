@@ -106,3 +106,20 @@ def test_sample_granularity_needs_dynamic_activations():
         QuantSpec(bits=8, granularity="sample")
     with pytest.raises(ValueError, match="is for activations"):
         QuantConfig(weight=QuantSpec(bits=4, granularity="sample", dynamic=True))
+
+
+def test_low_rank_callback_works_while_quantizers_are_bypassed():
+    """Pre-processing callbacks run with the quantizers bypassed (FP statistics): LoRA must still quantize."""
+    from types import SimpleNamespace
+
+    from ditquant.methods.callbacks import LowRankCompensation
+
+    model = tiny_quantized()
+    callback = LowRankCompensation(rank=4, iterations=3)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration=None), ckpt_path=None)
+    callback.on_train_batch_start(trainer, SimpleNamespace(transformer=model), None, 0)
+    report = callback.report
+    assert set(report["error"]) == {m.name for m in quant_layers(model)}
+    assert all(0 < report["error"][n] < report["rtn_error"][n] for n in report["error"])
+    with pytest.raises(ValueError, match="rank must be between 1 and min"):
+        LowRankCompensation(rank=64).apply(tiny_quantized(), None)

@@ -131,9 +131,9 @@ def test_blocks_without_adaln_modulation_are_a_clear_error():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing was changed
 
 
-def fake_fit(model, cal, observed=False):
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration=cal))
-    return trainer, SimpleNamespace(transformer=model, activations_observed=observed)
+def fake_fit(model, cal, resumed=False):
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration=cal), ckpt_path="last.ckpt" if resumed else None)
+    return trainer, SimpleNamespace(transformer=model)
 
 
 def test_callback_balances_once_and_a_resumed_fit_skips_it():
@@ -147,15 +147,15 @@ def test_callback_balances_once_and_a_resumed_fit_skips_it():
     callback.on_train_batch_start(trainer, module, None, 1)  # later batches: nothing happens
     resumed = SalienceBalancing()
     resumed.load_state_dict(callback.state_dict())
-    resumed.on_train_batch_start(*fake_fit(model, cal, observed=True), None, 0)  # resumed: already balanced
+    resumed.on_train_batch_start(*fake_fit(model, cal, resumed=True), None, 0)  # resumed: already balanced
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in after_first.items())
 
 
 def test_callback_refuses_a_checkpoint_calibrated_without_it():
     model = tiny_model()
     quantize_model(model, W4A8)
-    with pytest.raises(ValueError, match="calibrated without it"):
-        SalienceBalancing().on_train_batch_start(*fake_fit(model, calibration_set(), observed=True), None, 0)
+    with pytest.raises(ValueError, match="made without it"):
+        SalienceBalancing().on_train_batch_start(*fake_fit(model, calibration_set(), resumed=True), None, 0)
 
 
 def test_bad_options_are_clear_errors():

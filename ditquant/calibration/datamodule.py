@@ -77,7 +77,8 @@ class CalibrationData(L.LightningDataModule):
     papers calibrate with their evaluation sampler.
 
     Args:
-        num_timesteps: N recorded sampling steps (PTQ4DiT: 25 at 256 px, 10 at 512 px).
+        num_timesteps: N recorded sampling steps (PTQ4DiT: 25 at 256 px, 10 at 512 px); null records every step
+            of the sampler's trajectory (DiTAS), whatever its step count.
         samples_per_timestep: M trajectories (PTQ4DiT: 32).
         seed: seeds classes and noise of the calibration trajectories.
         classes: restrict calibration classes (default: all).
@@ -88,14 +89,14 @@ class CalibrationData(L.LightningDataModule):
         test_batch_size: images per test batch (results do not depend on it: noise is seeded per image).
     """
 
-    def __init__(self, num_timesteps: int = 25, samples_per_timestep: int = 32, seed: int = 0,
+    def __init__(self, num_timesteps: Optional[int] = 25, samples_per_timestep: int = 32, seed: int = 0,
                  classes: Optional[list[int]] = None, batch_size: int = 32, cache_dir: str = "runs/calibration",
                  num_test_samples: int = 1000, test_batch_size: int = 250):
         super().__init__()
         self.recipe_args = dict(num_timesteps=num_timesteps,
                                 samples_per_timestep=samples_per_timestep, seed=seed,
                                 classes=tuple(classes) if classes is not None else None)
-        if num_timesteps < 1 or samples_per_timestep < 1:
+        if (num_timesteps is not None and num_timesteps < 1) or samples_per_timestep < 1:
             raise ValueError(f"data.num_timesteps and data.samples_per_timestep must be >= 1, got {num_timesteps} "
                              f"and {samples_per_timestep}")
         self.batch_size = batch_size
@@ -111,11 +112,14 @@ class CalibrationData(L.LightningDataModule):
             self.calibration = self.load_or_record(task.dit_source, task.sampler)
 
     def load_or_record(self, dit: DiTSource, sampler: SamplerConfig) -> CalibrationSet:
-        CalibrationRecipe(model="", sampler=sampler, **self.recipe_args)  # validate before loading the model
+        args = dict(self.recipe_args)
+        if args["num_timesteps"] is None:
+            args["num_timesteps"] = sampler.num_steps
+        CalibrationRecipe(model="", sampler=sampler, **args)  # validate before loading the model
         loaded = load_dit(dit)
         # The weights' fingerprint is part of the recipe: retrained or edited weights never reuse a stale set.
         recipe = CalibrationRecipe(model=f"{loaded.description}; weights {weights_fingerprint(loaded.transformer)}",
-                                   sampler=sampler, **self.recipe_args)
+                                   sampler=sampler, **args)
         self.path = calibration_path(self.cache_dir, recipe)
         if self.path.is_file():
             log.info("reusing calibration set %s", self.path)

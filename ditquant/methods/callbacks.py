@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Literal
+from typing import Literal, Optional
 
 import lightning as L
 from torch import nn
 from torch.utils.data import Dataset
 
 from ditquant.methods.balancing import balance_model
-from ditquant.quant.modules import quant_disabled
+from ditquant.methods.smoothing import ALPHA_GRID, check_alphas, smooth_model
+from ditquant.models.layout import BLOCK_LINEAR_ROLES, ROLES, role_of
+from ditquant.quant.lora import check_rank
+from ditquant.quant.modules import quant_disabled, quant_layers
+from ditquant.quant.quantizer import quantize_tensor
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,9 @@ class Preprocessing(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.done:
             return
-        if pl_module.activations_observed:
-            raise ValueError(f"{type(self).__name__}: the checkpoint being resumed was calibrated without it "
-                             "(its activation ranges are already observed); start a new fit to apply it")
+        if trainer.ckpt_path is not None:
+            raise ValueError(f"{type(self).__name__}: the checkpoint being resumed ({trainer.ckpt_path}) was made "
+                             "without it; start a new fit to apply it")
         started = time.perf_counter()
         with quant_disabled(pl_module.transformer):
             self.report = self.apply(pl_module.transformer, trainer.datamodule.calibration)
@@ -84,3 +88,68 @@ class SalienceBalancing(Preprocessing):
     def apply(self, model: nn.Module, calibration: Dataset) -> dict:
         report = balance_model(model, calibration, salience=self.salience, batch_size=self.batch_size)
         return {"salience": self.salience, **report}
+
+
+class TemporalSmoothing(Preprocessing):
+    """DiTAS's temporal-aggregated smoothing with a per-input α grid search, folded into the weights.
+
+    For q/k/v (shared input), the attention output projection, fc1 and fc2 of every block: a_j = max |X_j| over
+    the whole calibration trajectory, s_j = a_j^α / w_j^(1−α); α per input minimises the layer's quantized output
+    MSE over the calibration set (see ``ditquant.methods.smoothing``). q/k/v's and fc1's s fold into the adaLN
+    modulation, the attention output's into V's rows, fc2's is divided on the fly (GELU sits in front of it).
+
+    Args:
+        alphas: the α grid searched per input (default 0, 0.05, …, 1).
+        alpha: a fixed α for every input instead of the search (the "smoothing only" ablation).
+        batch_size: calibration rows per statistics forward.
+    """
+
+    name = "temporal_smoothing"
+
+    def __init__(self, alphas: Optional[list[float]] = None, alpha: Optional[float] = None, batch_size: int = 32):
+        super().__init__()
+        self.alphas = check_alphas(list(ALPHA_GRID) if alphas is None else alphas)
+        if alpha is not None:
+            check_alphas([alpha])
+        if batch_size < 1:
+            raise ValueError(f"TemporalSmoothing.batch_size must be >= 1, got {batch_size}")
+        self.alpha, self.batch_size = alpha, batch_size
+
+    def apply(self, model: nn.Module, calibration: Dataset) -> dict:
+        return smooth_model(model, calibration, self.alphas, self.alpha, self.batch_size)
+
+
+class LowRankCompensation(Preprocessing):
+    """DiTAS's training-free LoRA for weights: per layer, W_q = Q(W − L·R) and L·R the rank-r SVD of W − W_q,
+    alternated ``iterations`` times (best iterate kept); the FP branch L·R reads the quantized activation. List it
+    after a smoothing callback: it fixes the quantized weights, so folds must come first.
+
+    Args:
+        rank: r (DiTAS: 32).
+        iterations: alternations (DiTAS: 10).
+        roles: layer roles to compensate (DiTAS: the four block linears).
+    """
+
+    name = "low_rank_compensation"
+
+    def __init__(self, rank: int = 32, iterations: int = 10, roles: Optional[list[str]] = None):
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"LowRankCompensation.iterations must be >= 1, got {iterations}")
+        self.rank, self.iterations = rank, iterations
+        self.roles = list(roles) if roles is not None else list(BLOCK_LINEAR_ROLES)
+        if unknown := sorted(set(self.roles) - set(ROLES)):
+            raise ValueError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
+
+    def apply(self, model: nn.Module, calibration: Dataset) -> dict:
+        wrapped = {m.name: m for m in quant_layers(model) if role_of(m.name) in self.roles}
+        if not wrapped:
+            raise ValueError(f"LowRankCompensation: no quantized layer has a role in {self.roles}")
+        for name, layer in wrapped.items():  # every rank checked before any work
+            check_rank(self.rank, layer.layer.weight, f"LowRankCompensation.rank ({name})")
+        report = {"rank": self.rank, "rtn_error": {}, "error": {}}
+        for name, layer in wrapped.items():
+            w = layer.layer.weight
+            report["rtn_error"][name] = (w - quantize_tensor(w, layer.weight_quantizer.spec, True)).norm().item()
+            report["error"][name] = min(layer.compensate_low_rank(self.rank, self.iterations))
+        return report

@@ -103,3 +103,41 @@ def fold_smoothing(model: nn.Module, factors: dict[tuple[int, str], torch.Tensor
                 divide_online(block.get_submodule(SMOOTHED_INPUTS["fc2"][0]), s)
             else:
                 fold_into_modulation(block, name, s)
+
+
+def _layer_specs(model: nn.Module) -> tuple[QuantSpec, QuantSpec]:
+    """The weight and activation specs of the smoothed linears (all four roles must be quantized, alike)."""
+    specs = set()
+    for block in transformer_blocks(model):
+        for consumers in SMOOTHED_INPUTS.values():
+            for name in consumers:
+                m = block.get_submodule(name)
+                if not isinstance(m, QuantLayer):
+                    raise ValueError(f"smoothing needs q/k/v, attn_out, fc1 and fc2 quantized (quant.roles); {name} "
+                                     "is not")
+                specs.add((m.weight_quantizer.spec, m.input_quantizer.spec))
+    if len(specs) != 1:
+        raise ValueError("smoothing searches α with one weight/activation spec: the smoothed linears have "
+                         f"{len(specs)} different ones (quant.overrides)")
+    return specs.pop()
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, calibration: Dataset, alphas: Sequence[float] = ALPHA_GRID,
+                 alpha: float | None = None, batch_size: int = 32) -> dict:
+    """TAS on every block of a quantized ``model`` (FP function unchanged): α searched per input over ``alphas``, or
+    ``alpha`` for all; returns the chosen α and scores per input."""
+    alphas = check_alphas([alpha] if alpha is not None else alphas)
+    weight_spec, act_spec = _layer_specs(model)
+    act_max = temporal_max(model, calibration, batch_size)
+    losses = alpha_losses(model, calibration, act_max, weight_spec, act_spec, alphas, batch_size)
+    blocks = transformer_blocks(model)
+    factors, report = {}, {"alpha": {}, "mse": {}}
+    for (b, name), scores in losses.items():
+        best = int(scores.argmin())
+        w_max = weight_salience([_weights(blocks[b], SMOOTHED_INPUTS[name])])
+        factors[(b, name)] = smoothing_factor(act_max[(b, name)], w_max, alphas[best])
+        report["alpha"][f"{b}.{name}"] = alphas[best]
+        report["mse"][f"{b}.{name}"] = scores[best].item()
+    fold_smoothing(model, factors)
+    return report

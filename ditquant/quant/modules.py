@@ -12,7 +12,7 @@ from torch import nn
 from ditquant.quant.adaround import AdaRoundWeight
 from ditquant.quant.affine import integer_codes
 from ditquant.quant.lora import low_rank_quantize
-from ditquant.quant.quantizer import UniformQuantizer, grouped
+from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor
 from ditquant.quant.spec import QuantSpec
 
 
@@ -90,9 +90,9 @@ class QuantLayer(nn.Module):
             raise ValueError(f"{self.name}: low-rank compensation needs a Linear with a static weight quantizer")
         q = self.weight_quantizer
 
-        def quantize(w: torch.Tensor) -> torch.Tensor:
+        def quantize(w: torch.Tensor) -> torch.Tensor:  # explicit parameters: works while quantizers are bypassed
             q.init_from(w)
-            return q(w)
+            return quantize_tensor(w, q.spec, True, q.scale, q.zero_point)
 
         result = low_rank_quantize(self.layer.weight, quantize, rank, iterations)
         q.init_from(result.quantized_input)
