@@ -132,7 +132,8 @@ def smooth_model(model: nn.Module, calibration: Dataset, alphas: Sequence[float]
     act_max = temporal_max(model, calibration, batch_size)
     losses = alpha_losses(model, calibration, act_max, weight_spec, act_spec, alphas, batch_size)
     blocks = transformer_blocks(model)
-    factors, report = {}, {"alpha": {}, "mse": {}}
+    timesteps = len({int(calibration[i]["t"][0]) for i in range(len(calibration))})
+    factors, report = {}, {"calibration_rows": len(calibration), "timesteps": timesteps, "alpha": {}, "mse": {}}
     for (b, name), scores in losses.items():
         best = int(scores.argmin())
         w_max = weight_salience([_weights(blocks[b], SMOOTHED_INPUTS[name])])
