@@ -18,11 +18,7 @@ from torch.utils.data import Dataset
 from ditquant.methods.folding import fold_into_modulation, fold_into_value
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
-from ditquant.models.layout import (
-    BALANCED_INPUTS,
-    modulation_linear,
-    transformer_blocks,
-)
+from ditquant.models.layout import BALANCED_INPUTS, modulation_linear, transformer_blocks
 from ditquant.quant.modules import QuantLayer
 
 

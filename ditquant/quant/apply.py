@@ -60,5 +60,5 @@ def weight_sqnr_db(model: nn.Module) -> float:
     for m in quant_layers(model):
         w = m.layer.weight
         signal += w.square().sum().item()
-        noise += (m.quantized_weight() - w).square().sum().item()  # learned rounding included
+        noise += (m.effective_weight() - w).square().sum().item()  # learned rounding, low-rank branch included
     return 10 * torch.log10(torch.tensor(signal / max(noise, 1e-30))).item()

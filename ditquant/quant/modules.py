@@ -116,6 +116,13 @@ class QuantLayer(nn.Module):
             self._inference_weight = (key, self._fake_quantized_weight())
         return self._inference_weight[1]
 
+    def effective_weight(self) -> torch.Tensor:
+        """What the layer multiplies its quantized input by: Q_w(·) plus the low-rank branch, if any."""
+        w = self.quantized_weight()
+        if self.lora_left is not None and w is not self.layer.weight:
+            w = w + (self.lora_left @ self.lora_right).reshape(w.shape)
+        return w
+
     def _fake_quantized_weight(self) -> torch.Tensor:
         q, w = self.weight_quantizer, self.layer.weight
         if self.weight_codes is not None:
