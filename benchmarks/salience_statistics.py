@@ -26,6 +26,7 @@ from ditquant.calibration.datamodule import CalibrationData
 from ditquant.calibration.dataset import collate_pairs
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.methods.balancing import balancing_factors, fold_balancing, salience_per_timestep
+from ditquant.methods.folding import input_weights
 from ditquant.methods.salience import activation_salience, spearman, weight_salience
 from ditquant.models.layout import BALANCED_INPUTS, transformer_blocks
 from ditquant.models.loading import DiTSource, load_dit
@@ -33,10 +34,6 @@ from ditquant.quant.quantizer import quantize_tensor
 from ditquant.quant.spec import QuantSpec
 
 VARIANTS = ("none", "mid", "ssc")
-
-
-def layer_weight(block, consumers) -> torch.Tensor:
-    return torch.cat([block.get_submodule(c).weight for c in consumers])  # q/k/v stacked: they share the input
 
 
 @torch.no_grad()
@@ -92,7 +89,7 @@ def main() -> None:
             fold_balancing(model, factors)
         xs = captured_inputs(model, held_in)
         for (b, name), x in xs.items():
-            w = layer_weight(transformer_blocks(model)[b], BALANCED_INPUTS[name])
+            w = input_weights(transformer_blocks(model)[b], BALANCED_INPUTS[name])
             stats = rows[name]
             if variant in ("none", "ssc"):
                 stats[f"X outliers {variant}"].append(outlier_ratio(activation_salience(x)))

@@ -7,10 +7,11 @@ import torch
 
 from ditquant.cli import main as cli_main
 from ditquant.models.bundled import DIT_DIR
-from ditquant.models.dit import DiTConfig, build_dit
+from ditquant.models.dit import build_dit
 from ditquant.quant.apply import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.spec import QuantSpec
+from tests.tiny_models import random_dit, tiny_config
 
 needs_bundled = pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reason="bundled model not trained")
 SMALL_SEARCH = """
@@ -51,14 +52,10 @@ def test_ditas_fit_then_test_for_any_step_count(tmp_path, steps):
 
 
 def test_per_sample_activations_make_outputs_independent_of_the_batch():
-    torch.manual_seed(0)
-    model = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
+    model = random_dit()
     outputs = {}
     for granularity in ("sample", "tensor"):
-        m = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
+        m = build_dit(tiny_config())
         m.load_state_dict(model.state_dict())
         spec = QuantSpec(bits=8, granularity=granularity, dynamic=True)
         quantize_model(m.double().eval(), QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), activation=spec,

@@ -5,7 +5,6 @@ import torch
 
 from ditquant.methods.folding import fold_into_modulation
 from ditquant.models.bundled import DIT_DIR
-from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.layout import transformer_blocks
 from ditquant.models.loading import DiTSource, load_dit
 from ditquant.quant.apply import quantize_model
@@ -14,6 +13,7 @@ from ditquant.quant.lora import low_rank_quantize
 from ditquant.quant.modules import quant_disabled, quant_layers
 from ditquant.quant.quantizer import UniformQuantizer, quantize_tensor
 from ditquant.quant.spec import QuantSpec
+from tests.tiny_models import random_dit
 
 W4 = QuantSpec(bits=4, granularity="channel")
 DYNAMIC_A8 = QuantSpec(bits=8, granularity="sample", dynamic=True)
@@ -53,12 +53,7 @@ def test_quantized_weight_is_on_the_grid_of_what_was_quantized():
 
 
 def tiny_quantized(seed=0):
-    torch.manual_seed(seed)
-    model = build_dit(DiTConfig(hidden_size=32, depth=1, num_heads=2, patch_size=2, input_size=8, num_classes=10))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return quantize_model(model.eval(), BLOCK_LINEARS)
+    return quantize_model(random_dit(depth=1, seed=seed), BLOCK_LINEARS)
 
 
 def test_low_rank_layer_forward_fp_mode_and_reload():

@@ -16,26 +16,20 @@ from ditquant.methods.balancing import balancing_factors, fold_balancing
 from ditquant.methods.callbacks import SalienceBalancing
 from ditquant.methods.folding import scale_input_columns
 from ditquant.models.bundled import DIT_DIR
-from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.layout import BALANCED_INPUTS, VALUE_PROJECTION, transformer_blocks
 from ditquant.models.loading import DiTSource, load_dit
 from ditquant.quant.apply import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec
+from tests.tiny_models import random_dit
 
 W4A8 = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), activation=QuantSpec(bits=8),
                    attention=QuantSpec(bits=8))
-CONFIG = DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, in_channels=4, num_classes=10)
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    model = build_dit(CONFIG).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # adaLN-Zero init would make every block the identity
-            p.normal_(0, 0.3)
-    return model
+    return random_dit(seed=seed, dtype=torch.float64)
 
 
 def calibration_set(seed=1):

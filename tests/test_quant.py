@@ -7,6 +7,7 @@ from ditquant.quant.config import LayerOverride, QuantConfig
 from ditquant.quant.modules import observing_activations, quant_disabled, quant_layers
 from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor
 from ditquant.quant.spec import QuantSpec
+from tests.tiny_models import random_dit
 
 
 def grid_steps(x, q, scale):
@@ -71,12 +72,7 @@ def test_spec_errors():
 
 @pytest.fixture
 def tiny():
-    torch.manual_seed(0)
-    model = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model.eval()
+    return random_dit(std=0.05)
 
 
 def test_quantize_model_roles_fp_switch_and_calibration(tiny):

@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from ditquant.calibration.dataset import CalibrationSet
 from ditquant.models.bundled import DIT_DIR
-from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.layout import reconstruction_units
 from ditquant.models.loading import DiTSource
 from ditquant.quant.apply import quantization_table, quantize_model
@@ -29,17 +28,13 @@ from ditquant.reconstruction.cache import UnitCache
 from ditquant.reconstruction.capture import capture_input, capture_output, replay
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
+from tests.tiny_models import random_dit
 
 W4A8 = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), attention=QuantSpec(bits=8))
 
 
 def tiny_dit(seed=0):
-    torch.manual_seed(seed)
-    model = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval()
+    return random_dit(std=0.1, seed=seed)
 
 
 def calibration(n_steps=3, per_step=4):

@@ -8,25 +8,20 @@ from ditquant.calibration.dataset import CalibrationSet, collate_pairs
 from ditquant.methods.salience import balancing_factor, weight_salience
 from ditquant.methods.smoothing import (ALPHA_GRID, alpha_losses, check_alphas, fold_smoothing, smoothing_factor,
                                         temporal_max)
-from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.layout import transformer_blocks
 from ditquant.quant.apply import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import quant_disabled
 from ditquant.quant.quantizer import quantize_tensor
 from ditquant.quant.spec import QuantSpec
+from tests.tiny_models import random_dit
 
 W4 = QuantSpec(bits=4, granularity="channel")
 A8 = QuantSpec(bits=8, granularity="sample", dynamic=True)
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    model = build_dit(DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=2, input_size=8, num_classes=10))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    return model.eval()
+    return random_dit()
 
 
 def calibration():

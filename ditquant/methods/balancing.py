@@ -15,15 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ditquant.methods.folding import fold_into_modulation, fold_into_value
+from ditquant.methods.folding import fold_into_modulation, fold_into_value, input_weights, require_modulation
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
-from ditquant.models.layout import BALANCED_INPUTS, modulation_linear, transformer_blocks
-from ditquant.quant.modules import QuantLayer
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    return (module.layer if isinstance(module, QuantLayer) else module).weight
+from ditquant.models.layout import BALANCED_INPUTS, transformer_blocks
 
 
 def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: int = 32
@@ -48,13 +43,12 @@ def balancing_factors(model: nn.Module, calibration: Dataset, salience: Literal[
     """({(block, input): f} for every balanced input, the statistics behind them); the model is not changed."""
     if salience not in ("ssc", "mid"):
         raise ValueError(f"salience must be 'ssc' or 'mid', got {salience!r}")
-    for block in transformer_blocks(model):
-        modulation_linear(block)  # every block must have a modulation to fold into, checked before any work
+    require_modulation(model)
     timesteps, per_t = salience_per_timestep(model, calibration, batch_size)
     factors, report = {}, {"timesteps": timesteps, "eta": {}, "factor_range": {}}
     for b, block in enumerate(transformer_blocks(model)):
         for name, sharing in BALANCED_INPUTS.items():
-            sw = weight_salience([_weight(block.get_submodule(m)) for m in sharing])
+            sw = weight_salience([input_weights(block, sharing)])
             sx_t = per_t[(b, name)]
             if salience == "ssc":
                 sx, eta = calibrated_salience(sx_t, sw)

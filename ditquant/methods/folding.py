@@ -20,12 +20,8 @@ import torch
 from torch import nn
 
 from ditquant.models.layout import (ADALN_CHUNKS, ATTENTION_OUTPUT, MODULATED_INPUTS, VALUE_PROJECTION,
-                                    modulation_linear)
-from ditquant.quant.modules import QuantLayer
-
-
-def _linear(module: nn.Module) -> nn.Module:
-    return module.layer if isinstance(module, QuantLayer) else module
+                                    modulation_linear, transformer_blocks)
+from ditquant.quant.modules import QuantLayer, fp_layer
 
 
 def _requantize(module: nn.Module) -> None:
@@ -53,12 +49,23 @@ def _chunk(name: str, hidden: int) -> slice:
     return slice(i * hidden, (i + 1) * hidden)
 
 
+def require_modulation(model: nn.Module) -> None:
+    """Every block has an adaLN-Zero linear to fold into: checked before any statistics or weight change."""
+    for block in transformer_blocks(model):
+        modulation_linear(block)
+
+
+def input_weights(block: nn.Module, consumers: tuple[str, ...]) -> torch.Tensor:
+    """The FP weights of the linears reading one input, stacked along their outputs (q, k and v together)."""
+    return torch.cat([fp_layer(block.get_submodule(c)).weight for c in consumers])
+
+
 @torch.no_grad()
 def scale_input_columns(consumers: list[nn.Module], s: torch.Tensor) -> None:
     """W[:, j] *= s_j for every consumer (the input it reads is divided by s)."""
     _ensure_foldable(consumers)
     for m in consumers:
-        lin = _linear(m)
+        lin = fp_layer(m)
         lin.weight.mul_(s.to(lin.weight)[None, :])
         _requantize(m)
 
@@ -69,7 +76,7 @@ def fold_into_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None
     shift_name, scale_name, consumer_names = MODULATED_INPUTS[branch]
     ada = modulation_linear(block)
     _ensure_foldable([ada, *(block.get_submodule(n) for n in consumer_names)])
-    lin = _linear(ada)
+    lin = fp_layer(ada)
     hidden = lin.out_features // len(ADALN_CHUNKS)
     s = _check(s, hidden, f"fold_into_modulation({branch})").to(lin.weight)
     shift, scale = (_chunk(name, hidden) for name in (shift_name, scale_name))
@@ -86,7 +93,7 @@ def fold_into_value(block: nn.Module, s: torch.Tensor) -> None:
     """Divide the attention output projection's input by s through V's rows, and compensate in its weight."""
     value = block.get_submodule(VALUE_PROJECTION)
     _ensure_foldable([value, block.get_submodule(ATTENTION_OUTPUT)])
-    lin = _linear(value)
+    lin = fp_layer(value)
     s = _check(s, lin.out_features, "fold_into_value").to(lin.weight)
     lin.weight /= s[:, None]
     if lin.bias is not None:

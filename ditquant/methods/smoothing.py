@@ -22,7 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ditquant.methods.folding import divide_online, fold_into_modulation, fold_into_value
+from ditquant.calibration.dataset import CalibrationSet
+from ditquant.methods.folding import (divide_online, fold_into_modulation, fold_into_value, input_weights,
+                                     require_modulation)
 from ditquant.methods.salience import activation_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
 from ditquant.models.layout import SMOOTHED_INPUTS, transformer_blocks
@@ -45,12 +47,6 @@ def smoothing_factor(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: flo
     return (act_max.clamp(min=EPS) ** alpha / weight_max.clamp(min=EPS) ** (1 - alpha)).clamp(min=EPS)
 
 
-def _weights(block: nn.Module, consumers: tuple[str, ...]) -> torch.Tensor:
-    """The FP weights reading one input, stacked along the outputs (q, k and v together)."""
-    mods = [block.get_submodule(c) for c in consumers]
-    return torch.cat([(m.layer if isinstance(m, QuantLayer) else m).weight for m in mods])
-
-
 @torch.no_grad()
 def temporal_max(model: nn.Module, calibration: Dataset, batch_size: int = 32) -> dict[tuple[int, str], torch.Tensor]:
     """{(block, input): max |X_j| over every calibration row and timestep} (TAS's statistic)."""
@@ -71,17 +67,19 @@ def alpha_losses(model: nn.Module, calibration: Dataset, act_max: dict[tuple[int
     """{(block, input): output MSE per α} over one calibration pass (weights re-quantized per candidate)."""
     alphas = check_alphas(alphas)
     blocks = transformer_blocks(model)
-    weights = {(b, name): _weights(blocks[b], consumers)
+    weights = {(b, name): input_weights(blocks[b], consumers)
                for b in range(len(blocks)) for name, consumers in SMOOTHED_INPUTS.items()}
+    # s per candidate, once; the weights are re-quantized per batch instead of cached: 21 copies of every weight
+    # would not fit for DiT-XL/2, and the matmuls cost far more than quantizing the weight
+    factors = {key: [smoothing_factor(act_max[key], weight_salience([w]), a) for a in alphas]
+               for key, w in weights.items()}
     sums = {key: torch.zeros(len(alphas), dtype=torch.float64) for key in weights}
     counts = dict.fromkeys(weights, 0)
 
     def visit(key, x, t):
         w = weights[key]
         reference = x @ w.T
-        w_max = weight_salience([w])
-        for i, alpha in enumerate(alphas):
-            s = smoothing_factor(act_max[key], w_max, alpha)
+        for i, s in enumerate(factors[key]):
             xq = quantize_tensor(x / s, act_spec, False)
             wq = quantize_tensor(w * s, weight_spec, True)
             sums[key][i] += (xq @ wq.T - reference).double().pow(2).sum()
@@ -123,20 +121,21 @@ def _layer_specs(model: nn.Module) -> tuple[QuantSpec, QuantSpec]:
 
 
 @torch.no_grad()
-def smooth_model(model: nn.Module, calibration: Dataset, alphas: Sequence[float] = ALPHA_GRID,
+def smooth_model(model: nn.Module, calibration: CalibrationSet, alphas: Sequence[float] = ALPHA_GRID,
                  alpha: float | None = None, batch_size: int = 32) -> dict:
     """TAS on every block of a quantized ``model`` (FP function unchanged): α searched per input over ``alphas``, or
     ``alpha`` for all; returns the chosen α and scores per input."""
     alphas = check_alphas([alpha] if alpha is not None else alphas)
+    require_modulation(model)
     weight_spec, act_spec = _layer_specs(model)
     act_max = temporal_max(model, calibration, batch_size)
     losses = alpha_losses(model, calibration, act_max, weight_spec, act_spec, alphas, batch_size)
     blocks = transformer_blocks(model)
-    timesteps = len({int(calibration[i]["t"][0]) for i in range(len(calibration))})
-    factors, report = {}, {"calibration_rows": len(calibration), "timesteps": timesteps, "alpha": {}, "mse": {}}
+    factors, report = {}, {"calibration_rows": len(calibration), "timesteps": calibration.num_timesteps,
+                           "alpha": {}, "mse": {}}
     for (b, name), scores in losses.items():
         best = int(scores.argmin())
-        w_max = weight_salience([_weights(blocks[b], SMOOTHED_INPUTS[name])])
+        w_max = weight_salience([input_weights(blocks[b], SMOOTHED_INPUTS[name])])
         factors[(b, name)] = smoothing_factor(act_max[(b, name)], w_max, alphas[best])
         report["alpha"][f"{b}.{name}"] = alphas[best]
         report["mse"][f"{b}.{name}"] = scores[best].item()

@@ -156,6 +156,11 @@ class QuantLayer(nn.Module):
         return f"{self.name}: W {self.weight_quantizer.spec.describe()}, A {self.input_quantizer.spec.describe()}"
 
 
+def fp_layer(module: nn.Module) -> nn.Module:
+    """The plain Linear/Conv2d behind a module, whether or not it is wrapped in a QuantLayer."""
+    return module.layer if isinstance(module, QuantLayer) else module
+
+
 def quant_layers(model: nn.Module) -> Iterator[QuantLayer]:
     return (m for m in model.modules() if isinstance(m, QuantLayer))
 
