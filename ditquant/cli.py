@@ -1,4 +1,4 @@
-"""``ditquant fit | test``: LightningCLI over DiTQuantization + CalibrationData, configured by YAML.
+"""``ditquant fit | test`` (and ``ditquant export``, see ``ditquant.integer.command``): LightningCLI over DiTQuantization + CalibrationData, configured by YAML.
 
 Configs compose by repeating ``--config`` (e.g. a model config, then a method config). ``test`` without
 ``--ckpt_path`` uses ``<trainer.default_root_dir>/checkpoints/last.ckpt`` written by ``fit``.
@@ -50,7 +50,8 @@ class DitQuantCLI(LightningCLI):
 
     def before_test(self) -> None:
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") is None and self.model.quant is not None and self.model.load_quantized is None:
+        if (config.get("ckpt_path") is None and self.model.quant is not None and self.model.load_quantized is None
+                and self.model.load_integer is None):
             last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
             if not last.is_file():
                 sys.exit(f"ditquant test: no checkpoint at {last}; run `ditquant fit` with the same --config first "
@@ -60,12 +61,23 @@ class DitQuantCLI(LightningCLI):
 
 def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["export"]:  # not a Trainer method: its own small parser
+        from ditquant.integer import command
+
+        _report_user_errors(lambda: command.main(argv[1:]))
+        return
     # The DiT stays in eval mode during fit on purpose (label dropout off): Lightning's warning about it is noise.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    _report_user_errors(lambda: DitQuantCLI(
+        DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
+        trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},
+        save_config_kwargs={"overwrite": True}))
+
+
+def _report_user_errors(run) -> None:
     try:
-        DitQuantCLI(DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
-                    trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},
-                    save_config_kwargs={"overwrite": True})
+        run()
     except USER_ERRORS as e:
         if os.environ.get("DITQUANT_DEBUG"):
             raise

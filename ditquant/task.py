@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -22,6 +22,8 @@ from rich.console import Console
 
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
+from ditquant.integer.convert import to_integer
+from ditquant.integer.export import load_integer as load_integer_model
 from ditquant.methods.callbacks import Preprocessing
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit
@@ -33,6 +35,7 @@ from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
 
 log = logging.getLogger(__name__)
+BACKENDS = ("fake", "integer")
 
 
 class DiTQuantization(L.LightningModule):
@@ -47,16 +50,30 @@ class DiTQuantization(L.LightningModule):
             min–max activation ranges (RTN).
         load_quantized: a folder written by ``ditquant fit`` (``<default_root_dir>/quantized``) to test without a
             Lightning checkpoint; it must have been made with the same model and quant config.
+        backend: what ``ditquant test`` samples the quantized model with: ``fake`` (simulated quantization, float
+            GEMMs) or ``integer`` (int8 / int4 weights and ``torch._int_mm``, see ``ditquant.integer``).
+        load_integer: a folder written by ``ditquant export`` to test (implies the integer backend); it must have
+            been made with the same model and quant config. ``dit`` is then loaded only as the FP reference.
     """
 
     def __init__(self, dit: DiTSource = DiTSource(), quant: Optional[QuantConfig] = QuantConfig(),
                  sampler: SamplerConfig = SamplerConfig(), evaluation: EvaluationConfig = EvaluationConfig(),
-                 reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[str] = None):
+                 reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[str] = None,
+                 backend: Literal["fake", "integer"] = "fake", load_integer: Optional[str] = None):
         super().__init__()
-        if quant is None and (reconstruction is not None or load_quantized is not None):
-            raise ValueError("model.reconstruction / model.load_quantized need model.quant (it is null)")
+        if quant is None and (reconstruction is not None or load_quantized is not None or load_integer is not None
+                              or backend != "fake"):
+            raise ValueError("model.reconstruction / load_quantized / load_integer / backend need model.quant (it is "
+                             "null)")
+        if backend not in BACKENDS:
+            raise ValueError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
+        if load_integer is not None and load_quantized is not None:
+            raise ValueError("model.load_quantized and model.load_integer are exclusive: give one")
         self.dit_source, self.quant, self.sampler, self.evaluation = dit, quant, sampler, evaluation
         self.reconstruction, self.load_quantized = reconstruction, load_quantized
+        self.backend = "integer" if load_integer is not None else backend
+        self.load_integer = load_integer
+        self._integer: Optional[torch.nn.Module] = None
         self.automatic_optimization = False
         self.transformer: Optional[torch.nn.Module] = None
         self.vae = None
@@ -75,7 +92,9 @@ class DiTQuantization(L.LightningModule):
         self.latent_scale = loaded.latent_scale
         self.vae = loaded.vae  # not a submodule: never quantized, never checkpointed
         self.transformer = loaded.transformer
-        if self.quant is not None:
+        if self.load_integer is not None:  # the exported model samples; the transformer stays FP, as the reference
+            self.integer_transformer = load_integer_model(self.load_integer, self.quant, self.dit_config)
+        elif self.quant is not None:
             quantize_model(self.transformer, self.quant)
             if self.load_quantized is not None:
                 load_quantized(self.transformer, self.load_quantized, self.dit_source, self.quant)
@@ -94,8 +113,20 @@ class DiTQuantization(L.LightningModule):
     def configure_optimizers(self):
         return None  # the reconstructor owns one optimizer per stage (its state is in the checkpoint)
 
+    @property
+    def integer_transformer(self) -> Optional[torch.nn.Module]:
+        """The integer model the test samples with (backend ``integer``); kept out of the module tree, so that
+        Lightning checkpoints and their loading see only the fake-quantized transformer."""
+        return self._integer
+
+    @integer_transformer.setter
+    def integer_transformer(self, model: torch.nn.Module) -> None:
+        self.__dict__["_integer"] = model
+
     def num_fit_steps(self) -> int:
         """Training batches fit needs: one to observe activation ranges, then one per reconstruction step."""
+        if self.load_integer is not None:
+            raise ValueError("model.load_integer is for `ditquant test`; fit calibrates from model.dit")
         if self.quant is None:
             raise ValueError("model.quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
         if self.reconstruction is None:
@@ -179,6 +210,10 @@ class DiTQuantization(L.LightningModule):
         if self.quant is not None and (missing := uncalibrated_layers(self.transformer)):
             raise ValueError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
                                "run `ditquant fit` with this config first, or pass --ckpt_path")
+        if self.backend == "integer" and self.integer_transformer is None:
+            self.integer_transformer = to_integer(self.transformer)
+        if self.integer_transformer is not None:
+            self.integer_transformer.to(self.device)
         if self.vae is not None:
             self.vae.to(self.device)
         self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.dit_source,
@@ -186,11 +221,13 @@ class DiTQuantization(L.LightningModule):
                                          compare_fp=self.quant is not None)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.evaluator.update(self.transformer, batch["index"], batch["y"])
+        model = self.integer_transformer if self.integer_transformer is not None else self.transformer
+        self.evaluator.update(model, batch["index"], batch["y"], reference=self.transformer)
 
     def on_test_epoch_end(self) -> None:
         out_dir = self.trainer.default_root_dir + "/test"
-        metrics = self.evaluator.finish(out_dir, label=self.quant.label() if self.quant else "FP",
+        label = (self.quant.label() + (" integer" if self.backend == "integer" else "")) if self.quant else "FP"
+        metrics = self.evaluator.finish(out_dir, label=label,
                                         write=self.trainer.is_global_zero)
         for name, value in metrics.items():
             if isinstance(value, float):

@@ -20,5 +20,18 @@ def test_notebook_runs(path):
             source = "".join(cell["source"]).replace("num_steps=50", "num_steps=10").replace("iterations=100",
                                                                                               "iterations=20")
             exec(compile(source, f"{path}:{cell['id']}", "exec"), namespace)
-    assert namespace["psnr"] > 12  # reconstructed W4A8 stays close to FP sample by sample
-    assert namespace["psnr"] > namespace["psnr_vs_fp"](namespace["rtn"]) - 1.0  # and does not fall behind RTN
+    CHECKS[path.stem](namespace)
+
+
+def check_quickstart(ns: dict) -> None:
+    assert ns["psnr"] > 12  # reconstructed W4A8 stays close to FP sample by sample
+    assert ns["psnr"] > ns["psnr_vs_fp"](ns["rtn"]) - 1.0  # and does not fall behind RTN
+
+
+def check_integer_inference(ns: dict) -> None:
+    assert ns["min_block_sqnr"] > 40  # the loaded integer model reproduces fake quantization block by block
+    assert ns["integer_images"].shape == ns["fp_images"].shape
+    assert ns["speedup"]["bare _int_mm"] > 0 and set(ns["speedup"]) >= {"fp32", "bf16", "integer layer"}
+
+
+CHECKS = {"quickstart": check_quickstart, "integer_inference": check_integer_inference}

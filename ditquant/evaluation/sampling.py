@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -129,7 +129,10 @@ class SampleEvaluator:
         return self.vae.decode(latents / self.latent_scale).sample
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, indices: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, model: torch.nn.Module, indices: torch.Tensor, labels: torch.Tensor,
+               reference: Optional[torch.nn.Module] = None) -> None:
+        """Sample ``model``; with FP comparison, also the FP model: ``reference`` (default: ``model``) with its
+        quantizers off."""
         device = labels.device
         shape = (self.dit.in_channels, self.dit.input_size, self.dit.input_size)
         noise = seeded_noise(indices, shape, self.config.seed, 0).to(device)
@@ -143,8 +146,9 @@ class SampleEvaluator:
         if self.inception_score is not None:
             self.inception_score.update(((images + 1) / 2).cpu())
         if self.compare_fp:
-            with quant_disabled(model):
-                fp = self._decode(sample(model, noise, labels, self.sampler,
+            reference = model if reference is None else reference
+            with quant_disabled(reference):
+                fp = self._decode(sample(reference, noise, labels, self.sampler,
                                          step_generators(indices, self.config.seed, device))).clamp(-1, 1)
             self.fp_images.append(to_uint8(fp))
             mse = (images - fp).square().flatten(1).mean(1).clamp(min=1e-12)

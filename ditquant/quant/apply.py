@@ -12,8 +12,9 @@ from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import QuantLayer, activation_quantizers, quant_layers
 
 
-def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every Linear/Conv2d of the configured roles by a QuantLayer (in place; weights initialised RTN)."""
+def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = True) -> nn.Module:
+    """Replace every Linear/Conv2d of the configured roles by a QuantLayer (in place; weights initialised RTN unless
+    ``init_weights`` is false: a skeleton whose state is loaded afterwards)."""
     if any(True for _ in quant_layers(model)):
         raise ValueError("model is already quantized")
     for name, layer in layers_by_role(model, config.roles).items():
@@ -22,7 +23,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
             wrapped = QuantLayer(layer, weight_spec, input_spec, name=name)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        wrapped.init_weight_quantizer()
+        if init_weights:
+            wrapped.init_weight_quantizer()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
     if config.attention is not None and config.attention.enabled:

@@ -1,0 +1,243 @@
+"""Integer inference vs float on the DiT-XL/2 architecture (random weights, 256 px: 32×32×4 latents, 256 tokens).
+
+    python benchmarks/integer_speed.py                      # batch 1, 8, 32 on this machine's CPU
+    python benchmarks/integer_speed.py --batch 8 --profile  # plus where the integer forward spends its time
+
+Prints, each measured in this run with the variants interleaved (A/B/A/B…, median of the repeats):
+1. transformer forward time: fp32 eager, bf16 eager, integer W8A8 and W4A8 (static per-tensor asymmetric A8,
+   asymmetric per-channel weights, every linear quantized as in PTQ4DiT; attention matmuls in float), and the
+   speedups of the integer models over fp32 and bf16;
+2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, next
+   to the bare ``torch._int_mm`` vs fp32 matmul ratio (the limit the layer can reach);
+3. bytes: safetensors file of the fp32 model vs the integer W8 / W4 exports (whole model, and the quantized
+   weights alone), and peak resident memory of a process that loads each file and runs one forward (batch 1).
+With ``--device cuda`` the float baselines are bf16 eager and bf16 + torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ditquant.integer.convert import to_integer
+from ditquant.integer.export import save_integer
+from ditquant.integer.linear import IntLinear
+from ditquant.models.dit import DiTConfig, build_dit
+from ditquant.models.loading import DiTSource
+from ditquant.quant.apply import quantize_model
+from ditquant.quant.config import QuantConfig
+from ditquant.quant.modules import observing_activations
+from ditquant.quant.spec import QuantSpec
+
+XL = DiTConfig.named("DiT-XL/2", input_size=32)
+
+
+def configs() -> dict[str, QuantConfig]:
+    act = QuantSpec(bits=8, symmetric=False, granularity="tensor")
+    return {f"W{b}A8": QuantConfig(weight=QuantSpec(bits=b, symmetric=False, granularity="channel"), activation=act)
+            for b in (8, 4)}
+
+
+def random_xl(config: DiTConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = build_dit(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def inputs(config: DiTConfig, batch: int, device: str, dtype=torch.float32):
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, config.num_classes, (batch,), generator=g)
+    return x.to(device, dtype), t.to(device), y.to(device)
+
+
+def integer_model(fp: torch.nn.Module, quant: QuantConfig, config: DiTConfig) -> torch.nn.Module:
+    """Quantize a copy of ``fp`` (RTN weights, activation ranges from two batches) and convert it to integers."""
+    import copy
+
+    fake = quantize_model(copy.deepcopy(fp), quant)
+    with torch.no_grad(), observing_activations(fake):
+        fake(*inputs(config, 2, "cpu"))
+    return to_integer(fake)
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(variants: dict, repeats: int, sync) -> dict[str, float]:
+    """Median seconds per variant, each repeat running every variant once (warm-up run first)."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn, sync))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def forward_table(models: dict, config: DiTConfig, batches: list[int], repeats: int, device: str, sync) -> None:
+    floats = [n for n in models if not n.startswith("W")]
+    pairs = [(q, f) for q in ("W8A8", "W4A8") for f in floats]
+    print("\n## transformer forward (median seconds; speedup = float time / integer time)\n")
+    print("| batch | " + " | ".join(models) + " | " + " | ".join(f"{q} vs {f}" for q, f in pairs) + " |")
+    print("|---" * (len(models) + len(pairs) + 1) + "|")
+    for batch in batches:
+        variants = {}
+        for name, (model, dtype) in models.items():
+            args = inputs(config, batch, device, dtype)
+            variants[name] = (lambda m=model, a=args: m(*a))
+        with torch.no_grad():
+            t = interleaved(variants, repeats, sync)
+        ratios = [f"{t[f] / t[q]:.2f}×" for q, f in pairs]
+        print(f"| {batch} | " + " | ".join(f"{t[n]:.3f}" for n in models) + " | " + " | ".join(ratios) + " |")
+
+
+def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: int) -> None:
+    tokens = batch * (config.input_size // config.patch_size) ** 2
+    block = model.transformer_blocks[0]
+    layers = {"qkv (to_q)": block.attn1.to_q, "attn out": block.attn1.to_out[0], "fc1": block.ff.net[0].proj,
+              "fc2": block.ff.net[2]}
+    print(f"\n## per GEMM, {tokens} tokens (batch {batch}); speedup over F.linear fp32\n")
+    print("| layer | shape | IntLinear | bare _int_mm (limit) |")
+    print("|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        assert isinstance(layer, IntLinear)
+        x = torch.randn(tokens, layer.in_features, generator=g)
+        w = layer.dequantized_weight()
+        a8 = torch.randint(-128, 127, (tokens, layer.in_features), dtype=torch.int8, generator=g)
+        w8 = layer.integer_weight()
+        with torch.no_grad():
+            t = interleaved({"fp32": lambda: F.linear(x, w, layer.bias), "int": lambda: layer(x),
+                             "mm32": lambda: x @ w.t(), "mm8": lambda: torch._int_mm(a8, w8.t())}, repeats,
+                            lambda: None)
+        print(f"| {name} | {tokens}×{layer.in_features}×{layer.out_features} | {t['fp32'] / t['int']:.2f}× | "
+              f"{t['mm32'] / t['mm8']:.2f}× |")
+
+
+_PEAK = """
+import resource, sys, torch
+from safetensors.torch import load_file
+from ditquant.models.dit import DiTConfig, build_dit
+from ditquant.integer.export import load_integer
+kind, path = sys.argv[1], sys.argv[2]
+config = DiTConfig.named("DiT-XL/2", input_size=32)
+if kind == "fp32":
+    with torch.device("meta"):
+        model = build_dit(config)
+    state = load_file(path)
+    buffers = dict(model.named_buffers())
+    for name in [k for k in state if k in buffers and k not in model.state_dict()]:
+        owner, _, b = name.rpartition(".")
+        model.get_submodule(owner)._buffers[b] = state.pop(name)
+    model.load_state_dict(state, assign=True)
+elif kind == "integer":
+    model = load_integer(path)
+if kind != "baseline":
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model(torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.tensor([1]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss(kind: str, path: str) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK, kind, path], check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1])
+
+
+def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quants: dict[str, QuantConfig]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_file = Path(tmp) / "fp32.safetensors"
+        state = {k: v.contiguous() for k, v in fp.state_dict().items()}
+        state.update({k: v.contiguous() for k, v in fp.named_buffers() if k not in state})
+        save_file(state, str(fp_file))
+        quantized_fp32 = sum(m.in_features * m.out_features * 4 for m in integers["W8A8"].modules()
+                             if isinstance(m, IntLinear))
+        base = peak_rss("baseline", "")
+        rows = [("fp32", fp_file.stat().st_size, quantized_fp32, peak_rss("fp32", str(fp_file)))]
+        for name, model in integers.items():
+            folder = Path(tmp) / name
+            save_integer(model, folder, DiTSource(), quants[name])
+            weights = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, IntLinear)
+                          for n, t in m.named_buffers() if n.startswith("weight"))
+            rows.append((name, (folder / "model.safetensors").stat().st_size, weights,
+                         peak_rss("integer", str(folder))))
+    print(f"\n## bytes (peak RSS: load the file + one batch-1 forward, minus {base / 2**20:.0f} MiB of an idle "
+          "process that imported torch)\n")
+    print("| model | file | ratio | quantized weights | ratio | peak RSS | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    f0, w0, p0 = rows[0][1], rows[0][2], rows[0][3] - base
+    for name, file, weights, peak in rows:
+        print(f"| {name} | {file / 2**20:.0f} MiB | 1/{f0 / file:.2f} | {weights / 2**20:.0f} MiB | "
+              f"1/{w0 / weights:.2f} | {(peak - base) / 2**20:.0f} MiB | 1/{p0 / (peak - base):.2f} |")
+
+
+def profile(model: torch.nn.Module, config: DiTConfig, batch: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    args = inputs(config, batch, "cpu")
+    with torch.no_grad():
+        model(*args)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(*args)
+    print(f"\n## integer W8A8 forward, batch {batch}: top operators by self CPU time\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--depth", type=int, default=XL.depth, help="fewer blocks for a quick run (XL: 28)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--skip-bytes", action="store_true")
+    args = p.parse_args()
+    config = DiTConfig(**{**XL.to_dict(), "depth": args.depth})
+    print(f"DiT-XL/2 architecture, depth {config.depth}, 256 px (latent 32×32×4, 256 tokens), random weights; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    fp = random_xl(config)
+    quants = configs()
+    integers = {name: integer_model(fp, q, config) for name, q in quants.items()}
+    device = args.device
+    if device == "cuda":
+        sync = torch.cuda.synchronize
+        bf16 = build_dit(config).to(device, torch.bfloat16).eval()
+        bf16.load_state_dict(fp.state_dict())
+        models = {"bf16": (bf16, torch.bfloat16), "bf16 compiled": (torch.compile(bf16), torch.bfloat16)}
+    else:
+        sync = lambda: None  # noqa: E731
+        bf16 = build_dit(config).to(torch.bfloat16).eval()
+        bf16.load_state_dict(fp.state_dict())
+        models = {"fp32": (fp, torch.float32), "bf16": (bf16, torch.bfloat16)}
+    models.update({name: (m.to(device), torch.float32) for name, m in integers.items()})
+    forward_table(models, config, args.batch, args.repeats, device, sync)
+    if device == "cpu":
+        gemm_table(integers["W8A8"], config, max(args.batch), args.repeats)
+        if not args.skip_bytes:
+            bytes_table(fp, integers, quants)
+        if args.profile:
+            profile(integers["W8A8"], config, max(args.batch))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""``ditquant export RUN [--out DIR]``: the calibrated model a fit wrote, as an integer model on disk.
+
+RUN is ``<default_root_dir>`` of a finished ``ditquant fit`` (or its ``quantized/`` folder); the model source and
+QuantConfig are read from ``quantized/quantized.yaml``, the FP weights from that source (to rebuild the calibrated
+model exactly). The integer model is written to ``<RUN>/integer`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ditquant.integer.convert import to_integer
+from ditquant.integer.export import quant_config_from_dict, save_integer
+from ditquant.integer.linear import IntLinear
+from ditquant.models.loading import DiTSource, load_dit
+from ditquant.quant.apply import quantize_model, uncalibrated_layers
+from ditquant.quant.artifact import META, load_quantized
+from ditquant.quant.modules import quant_layers
+
+
+def quantized_folder(run: Path) -> Path:
+    """``run`` itself if it holds quantized.yaml, else ``run/quantized``; a clear error if neither does."""
+    for folder in (run, run / "quantized"):
+        if (folder / META).is_file():
+            return folder
+    raise FileNotFoundError(f"ditquant export: no calibrated model in {run} (expected {run / 'quantized' / META}, "
+                            "written at the end of `ditquant fit`): the model was never calibrated, or fit did not "
+                            "finish")
+
+
+def size_table(fake: torch.nn.Module, integer: torch.nn.Module) -> Table:
+    """Bytes of the quantized layers' weights: fp32 vs stored integer (weights, scales and zero points)."""
+    fp32 = sum(q.layer.weight.numel() * 4 for q in quant_layers(fake))
+    stored = sum(sum(t.numel() * t.element_size() for n, t in m.named_buffers()
+                     if n.startswith("weight") and t is not None)
+                 for m in integer.modules() if isinstance(m, IntLinear))
+    table = Table(title="quantized weights")
+    for col in ("layers", "fp32 bytes", "integer bytes", "ratio"):
+        table.add_column(col, justify="right")
+    layers = sum(isinstance(m, IntLinear) for m in integer.modules())
+    table.add_row(str(layers), f"{fp32:,}", f"{stored:,}", f"1/{fp32 / max(stored, 1):.2f}")
+    return table
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="ditquant export", description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="the fit's default_root_dir (or its quantized/ folder)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/integer)")
+    args = p.parse_args(argv)
+    folder = quantized_folder(args.run)
+    meta = yaml.safe_load((folder / META).read_text())
+    source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
+    model = quantize_model(load_dit(source).transformer, quant, init_weights=False)
+    load_quantized(model, folder, source, quant)
+    if missing := uncalibrated_layers(model):
+        raise ValueError(f"{folder}: {len(missing)} layers are not calibrated (e.g. {missing[0]})")
+    integer = to_integer(model)
+    out = args.out or folder.parent / "integer"
+    save_integer(integer, out, source, quant)
+    Console(stderr=True).print(size_table(model, integer))
+    print(f"integer model written to {out}")

@@ -1,0 +1,84 @@
+"""Turn a calibrated fake-quantized DiT into its integer twin: every QuantLayer becomes an IntLinear holding only
+integer weights, scales and zero points (the FP weights are not kept)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ditquant.integer.linear import INT8_SHIFT, IntLinear
+from ditquant.integer.packing import pack_int4
+from ditquant.quant.affine import integer_codes
+from ditquant.quant.modules import QuantLayer, quant_layers
+from ditquant.quant.quantizer import grouped
+
+
+def _patch_size(layer: nn.Conv2d, name: str) -> int:
+    k, s = layer.kernel_size, layer.stride
+    if k[0] != k[1] or tuple(k) != tuple(s) or layer.padding not in ((0, 0), 0) or layer.groups != 1 \
+            or tuple(layer.dilation) != (1, 1):
+        raise ValueError(f"{name}: only patchifying convolutions (kernel = stride, no padding) have an integer form")
+    return k[0]
+
+
+def integer_shell(q: QuantLayer) -> IntLinear:
+    """An empty IntLinear shaped and specified like ``q`` (to load an exported state into)."""
+    layer = q.layer
+    patch = _patch_size(layer, q.name) if isinstance(layer, nn.Conv2d) else None
+    out_features, in_features = layer.weight.shape[0], layer.weight[0].numel()
+    return IntLinear(out_features, in_features, q.weight_quantizer.spec, q.input_quantizer.spec, q.name, patch)
+
+
+@torch.no_grad()
+def to_integer_layer(q: QuantLayer) -> IntLinear:
+    """The integer form of one calibrated QuantLayer (codes: AdaRound's or LoRA's if stored, else round-to-nearest)."""
+    if q.adaround is not None:
+        raise ValueError(f"{q.name}: reconstruction of this layer is unfinished (soft rounding); finish `ditquant fit`")
+    wq, aq = q.weight_quantizer, q.input_quantizer
+    if wq.scale is None:
+        raise ValueError(f"{q.name}: dynamic weight quantization has no integer form")
+    if not aq.calibrated:
+        raise ValueError(f"{q.name}: activation range never observed: the model was not calibrated (ditquant fit)")
+    out = integer_shell(q)
+    spec = wq.spec
+    codes = q.weight_codes.float() if q.weight_codes is not None else integer_codes(
+        grouped(q.layer.weight, spec, True), wq.scale, wq.zero_point, spec)
+    groups = out.weight_scale.shape[1]
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # (out, 1) | (out, groups, 1) | (1, 1) -> (out, groups, 1)
+        return t.reshape(t.shape[0], -1, 1).expand(out.out_features, groups, 1)
+
+    codes = codes.reshape(out.out_features, groups, -1)
+    zero = per_group(wq.zero_point)
+    out.weight_scale.copy_(per_group(wq.scale)[..., 0])
+    if out.packed:  # unsigned nibbles, zero point subtracted after unpacking
+        nibbles, nibble_zero = codes - spec.qmin, zero - spec.qmin
+        out.weight.copy_(pack_int4(nibbles.reshape(out.out_features, -1)))
+        out.weight_zero.copy_(nibble_zero.reshape(out.out_features, groups).to(torch.int8))
+    else:
+        centred = codes - zero
+        if centred.abs().max() <= 127:
+            out.weight.copy_(centred.reshape(out.out_features, -1).to(torch.int8))
+        else:  # asymmetric 8-bit: int8 codes − 128, the zero point enters the GEMM's correction term
+            out.weight.copy_((codes - INT8_SHIFT).reshape(out.out_features, -1).to(torch.int8))
+            out.weight_offset = (zero - INT8_SHIFT).reshape(out.out_features, groups).clone()
+    if q.layer.bias is not None:
+        out.bias = q.layer.bias.detach().clone().float()
+    if aq.scale is not None:
+        out.input_scale, out.input_zero = aq.scale.detach().clone(), aq.zero_point.clone()
+    for name in ("input_divisor", "lora_left", "lora_right"):
+        if getattr(q, name) is not None:
+            setattr(out, name, getattr(q, name).detach().clone())
+    return out
+
+
+def to_integer(model: nn.Module) -> nn.Module:
+    """A copy of a calibrated quantized ``model`` with every QuantLayer replaced by its IntLinear; the rest
+    (embeddings, norms, unquantized layers, attention processors) is copied as is. ``model`` is not changed."""
+    layers = list(quant_layers(model))
+    if not layers:
+        raise ValueError("the model has no quantized layers: quantize and calibrate it first (ditquant fit)")
+    memo = {id(q): to_integer_layer(q) for q in layers if q.weight_quantizer.spec.enabled}
+    return copy.deepcopy(model, memo)

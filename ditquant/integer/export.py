@@ -1,0 +1,112 @@
+"""An integer DiT on disk: ``model.safetensors`` (int8 / packed int4 weights, scales, zero points, and the float
+parts that were never quantized) and ``integer.yaml`` (architecture, model source, QuantConfig, per-layer layout).
+
+``load_integer`` rebuilds the model from the YAML alone — the architecture is built on the meta device and only the
+stored tensors are materialised, so the FP weights are neither needed nor allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ditquant.integer.convert import integer_shell
+from ditquant.integer.linear import IntLinear
+from ditquant.io import atomic_write
+from ditquant.models.dit import DiTConfig, build_dit, config_of
+from ditquant.quant.apply import quantize_model
+from ditquant.quant.config import LayerOverride, QuantConfig
+from ditquant.quant.modules import QuantLayer
+from ditquant.quant.spec import QuantSpec
+
+FORMAT = "ditquant-integer/1"
+WEIGHTS, META = "model.safetensors", "integer.yaml"
+
+
+def quant_config_from_dict(d: dict) -> QuantConfig:
+    """The QuantConfig ``dataclasses.asdict`` wrote (as stored in quantized.yaml / integer.yaml)."""
+    spec = lambda s: None if s is None else QuantSpec(**s)  # noqa: E731
+    return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=list(d["roles"]),
+                       overrides=[LayerOverride(roles=list(o["roles"]), weight=spec(o.get("weight")),
+                                                activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
+                       attention=spec(d.get("attention")))
+
+
+def _layout(model: nn.Module) -> dict:
+    return {name: {"in": m.in_features, "out": m.out_features, "weight": m.weight_spec.describe(),
+                   "storage": "int4" if m.packed else "int8", "activation": m.input_spec.describe()}
+            for name, m in model.named_modules() if isinstance(m, IntLinear)}
+
+
+def save_integer(model: nn.Module, folder: str | Path, source, quant: QuantConfig) -> Path:
+    """Write an integer model (``to_integer``'s output) and its description atomically into ``folder``."""
+    folder = Path(folder)
+    layout = _layout(model)
+    if not layout:
+        raise ValueError("save_integer: the model has no integer layers (convert it with to_integer first)")
+    if not getattr(source, "original_numerics", True):
+        raise ValueError("export supports models run with the original DiT numerics (dit.original_numerics: true)")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # non-persistent buffers too (the positional embedding): the loader builds the architecture without computing them
+    state.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers() if k not in state})
+    meta = {"format": FORMAT, "architecture": config_of(model).to_dict(), "dit": dataclasses.asdict(source),
+            "quant": dataclasses.asdict(quant), "layers": layout}
+    with atomic_write(folder / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
+    with atomic_write(folder / META) as tmp:
+        tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
+    return folder
+
+
+def read_integer_meta(folder: str | Path) -> dict:
+    """integer.yaml of an exported folder, checked for presence and format."""
+    meta_path = Path(folder) / META
+    for p in (meta_path, Path(folder) / WEIGHTS):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist (expected a folder written by `ditquant export`)")
+    meta = yaml.safe_load(meta_path.read_text())
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not a ditquant integer model (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {FORMAT!r})")
+    return meta
+
+
+def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
+                 architecture: Optional[DiTConfig] = None) -> nn.Module:
+    """The integer DiT saved in ``folder``; ``quant`` / ``architecture``, if given, must be what it was made with."""
+    folder = Path(folder)
+    meta = read_integer_meta(folder)
+    saved_quant = quant_config_from_dict(meta["quant"])
+    saved_arch = DiTConfig(**meta["architecture"])
+    for what, expected, saved in (("quant", quant, saved_quant), ("architecture", architecture, saved_arch)):
+        if expected is not None and expected != saved:
+            raise ValueError(f"{folder / META}: made for a different {what}\n  file:   {saved}\n  config: {expected}")
+    with torch.device("meta"):  # shapes only: the stored tensors are assigned in place of these
+        model = quantize_model(build_dit(saved_arch), saved_quant, init_weights=False)
+        for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
+            if q.weight_quantizer.spec.enabled:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, integer_shell(q))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{folder / WEIGHTS}: cannot read ({e})") from None
+    persistent = model.state_dict().keys()
+    for name in [k for k in state if k not in persistent and k in dict(model.named_buffers())]:
+        owner, _, buffer = name.rpartition(".")
+        model.get_submodule(owner)._buffers[buffer] = state.pop(name)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / WEIGHTS} does not match {folder / META}: {str(e)[:500]}") from None
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ValueError(f"{folder / WEIGHTS}: tensors missing for {leftover[:5]}")
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,199 @@
+"""IntLinear: a calibrated QuantLayer as integers — int8 or packed int4 weights, int8 activations, ``torch._int_mm``.
+
+With activation codes a (zero point z_a) and weight codes w (zero point z_w), over k input channels sharing one
+activation scale s_a and one weight scale s_w:
+
+    Σ_j s_a (a_j − z_a) · s_w (w_j − z_w) = s_a s_w · [A·Wᵀ − z_a·C_w − (R_a − k·z_a)·z_w],
+
+with C_w = Σ_j w_j (per output, precomputed) and R_a = Σ_j a_j (per token, only when z_w ≠ 0). A·Wᵀ is one
+int8 × int8 → int32 GEMM; the zero-point terms are rank-1 corrections, so asymmetric activations stay integer.
+Codes are stored as int8: unsigned 8-bit activation codes (0–255) are shifted by −128 together with their zero
+point; weights are stored as w − z_w whenever that fits in int8 (symmetric weights, asymmetric ones up to 7 bits,
+int4 after unpacking), so z_w = 0 in the GEMM; only asymmetric 8-bit weights keep z_w − 128 as ``weight_offset``.
+With group-wise scales the GEMM runs once per group of k channels and the partial results are scaled and summed.
+
+The activation codes are computed exactly as the fake quantizer computes them (same division, rounding and clamp),
+so the integer layer reproduces the fake-quantized one up to float summation order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditquant.integer.packing import unpack_int4
+from ditquant.quant.affine import qparams_from_range
+from ditquant.quant.quantizer import grouped
+from ditquant.quant.spec import QuantSpec
+
+INT8_SHIFT = 128  # unsigned 8-bit codes 0..255 -> int8 -128..127
+
+
+def code_shift(spec: QuantSpec) -> int:
+    """What is subtracted from a spec's codes (and zero point) to make them int8."""
+    return INT8_SHIFT if spec.qmax > 127 else 0
+
+
+def scale_groups(spec: QuantSpec, in_features: int) -> int:
+    """How many scales a row of ``in_features`` channels has under ``spec`` (1 unless group-wise)."""
+    return in_features // spec.group_size if spec.granularity == "group" else 1
+
+
+class IntLinear(nn.Module):
+    """y = Q_a(x) · Q_w(W)ᵀ + b computed with integer GEMMs (see the module doc); optionally a patchifying Conv2d
+    (kernel = stride = ``patch``, no padding), run as a linear over the image's patches.
+
+    Buffers: ``weight`` (int8 (out, in), or uint8 (out, in/2) packed for ≤ 4 bits), ``weight_scale`` (out, groups),
+    ``weight_zero`` (int8 zero points subtracted after unpacking int4), ``weight_offset`` (asymmetric 8-bit weights:
+    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point), ``bias``, and the method
+    extras ``input_divisor`` (x / s before quantization) and ``lora_left`` / ``lora_right`` (a full-precision
+    low-rank branch fed the quantized input).
+    """
+
+    def __init__(self, out_features: int, in_features: int, weight_spec: QuantSpec, input_spec: QuantSpec,
+                 name: str = "", patch: Optional[int] = None):
+        super().__init__()
+        if not weight_spec.enabled:
+            raise ValueError(f"{name}: an integer layer needs a quantized weight")
+        self.name, self.patch = name, patch
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_spec, self.input_spec = weight_spec, input_spec
+        sizes = {s.group_size for s in (weight_spec, input_spec) if s.enabled and s.granularity == "group"}
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: weight and activation groups must have the same size, got {sorted(sizes)}")
+        self.block = sizes.pop() if sizes else in_features  # channels sharing one weight and one activation scale
+        self.packed = weight_spec.bits <= 4
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2 if self.packed else in_features,
+                                                   dtype=torch.uint8 if self.packed else torch.int8))
+        groups = scale_groups(weight_spec, in_features)
+        self.register_buffer("weight_scale", torch.empty(out_features, groups))
+        self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.int8) if self.packed else None)
+        for name_ in ("weight_offset", "bias", "input_scale", "input_zero", "input_divisor", "lora_left", "lora_right"):
+            self.register_buffer(name_, None)
+        self._colsum: Optional[tuple[tuple, torch.Tensor]] = None
+
+    # ---- weights ----
+
+    def integer_weight(self) -> torch.Tensor:
+        """The int8 weight w − z_w (out, in) the GEMM reads (int4: unpacked on the fly, never kept)."""
+        if not self.packed:
+            return self.weight
+        zero = self.weight_zero.repeat_interleave(self.in_features // self.weight_zero.shape[1], dim=1)
+        return unpack_int4(self.weight).view(torch.int8).sub_(zero)
+
+    def _weight_sums(self, w: torch.Tensor) -> torch.Tensor:
+        """C_w per output and block (float), cached while the stored weight is unchanged."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._colsum is None or self._colsum[0] != key:
+            sums = w.view(self.out_features, -1, self.block).sum(-1, dtype=torch.int32).float()
+            self._colsum = (key, sums)
+        return self._colsum[1]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """s_w (w − z_w) as float (weight-only layers, and checks)."""
+        w = self.integer_weight().float()
+        if self.weight_offset is not None:
+            w = w - self.weight_offset.repeat_interleave(self.in_features // self.weight_offset.shape[1], dim=1)
+        return w * self.weight_scale.repeat_interleave(self.in_features // self.weight_scale.shape[1], dim=1)
+
+    # ---- activations ----
+
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """int8 codes (tokens, in) of x (…, in), with the scale and shifted zero point per token (or one row for
+        all tokens) and activation group: (tokens | 1, groups)."""
+        spec, shift = self.input_spec, code_shift(self.input_spec)
+        g = grouped(x, spec, False)
+        if spec.dynamic:
+            scale, zero = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
+        else:
+            scale, zero = self.input_scale, self.input_zero
+        codes = torch.div(g, scale).round_().add_(zero - shift).clamp_(spec.qmin - shift, spec.qmax - shift)
+        codes = codes.to(torch.int8).reshape(-1, self.in_features)
+        groups = scale_groups(spec, self.in_features)
+        scale, zero = scale.reshape(-1, groups), (zero - shift).reshape(-1, groups)
+        if spec.granularity == "sample" and scale.shape[0] > 1:  # one range per sample -> per token
+            tokens = codes.shape[0] // scale.shape[0]
+            scale, zero = scale.repeat_interleave(tokens, 0), zero.repeat_interleave(tokens, 0)
+        return codes, scale, zero
+
+    @staticmethod
+    def _blockwise(t: torch.Tensor, size: int) -> torch.Tensor:
+        return t.repeat_interleave(size // t.shape[1], dim=1) if t.shape[1] < size else t
+
+    # ---- forward ----
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        if self.patch is not None:  # (B, C, H, W) -> (B·L, C·p·p) patches in the weight's (C, kh, kw) order
+            batch, _, height, width = x.shape
+            x = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
+        lead = x.shape[:-1]
+        if self.input_divisor is not None:
+            x = x / self.input_divisor
+        if not self.input_spec.enabled:  # weight-only quantization
+            y = F.linear(x, self.dequantized_weight(), self.bias)
+        else:
+            codes, scale, zero = self.quantize_input(x.float())
+            y = self._integer_matmul(codes, scale, zero)
+            if self.lora_left is not None:
+                xq = (codes.float().view(codes.shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
+                y = y + F.linear(F.linear(xq.view(codes.shape), self.lora_right), self.lora_left)
+            y = y.reshape(*lead, self.out_features)
+        if self.patch is not None:
+            y = y.transpose(1, 2).reshape(batch, self.out_features, height // self.patch, width // self.patch)
+        return y.to(dtype)
+
+    def _integer_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        w = self.integer_weight()
+        sums = self._weight_sums(w)
+        blocks = self.in_features // self.block
+        w_scale, w_offset = self._blockwise(self.weight_scale, blocks), None
+        if self.weight_offset is not None:
+            w_offset = self._blockwise(self.weight_offset, blocks)
+        scale, zero = self._blockwise(scale, blocks), self._blockwise(zero, blocks)
+        if blocks == 1:
+            return self._scaled(torch._int_mm(codes, w.t()), codes, scale, zero, w_scale[:, 0], sums[:, 0],
+                                None if w_offset is None else w_offset[:, 0], self.bias)
+        y = None
+        for b in range(blocks):
+            cols = slice(b * self.block, (b + 1) * self.block)
+            a = codes[:, cols].contiguous()
+            part = self._scaled(torch._int_mm(a, w[:, cols].t()), a, scale[:, b:b + 1], zero[:, b:b + 1],
+                                w_scale[:, b], sums[:, b], None if w_offset is None else w_offset[:, b], None)
+            y = part if y is None else y.add_(part)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def _scaled(self, acc: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                w_scale: torch.Tensor, w_sums: torch.Tensor, w_offset: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """s_a s_w [acc − z_a C_w − (R_a − k z_a) z_w] (+ b) for one block: acc (T, out) int32; scale, zero (T | 1, 1);
+        w_scale, w_sums, w_offset (out,)."""
+        if scale.shape[0] == 1:  # one activation range for every token: one fused pass over the output
+            c = scale[0] * w_scale
+            d = -zero[0] * w_sums * c
+            y = torch.addcmul(d if bias is None else d + bias, acc, c)
+        else:
+            y = acc * w_scale
+            y.addr_(zero[:, 0], w_scale * w_sums, alpha=-1)
+            y.mul_(scale)
+            if bias is not None:
+                y.add_(bias)
+        if w_offset is not None:
+            u = (codes.sum(1, dtype=torch.int32).float() - codes.shape[1] * zero[:, 0]) * scale[:, 0]
+            y.addr_(u, w_scale * w_offset, alpha=-1)
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight_offset", "bias", "input_scale", "input_zero", "input_divisor", "lora_left", "lora_right"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(saved))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        storage = "int4 packed" if self.packed else "int8"
+        return (f"{self.name}: {self.in_features} -> {self.out_features}, W {self.weight_spec.describe()} ({storage}), "
+                f"A {self.input_spec.describe()}")

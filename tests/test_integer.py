@@ -1,0 +1,221 @@
+"""Integer inference: int4 packing, IntLinear vs the fake-quantized layer it replaces, export / load, the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ditquant.cli import main
+from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.integer.agreement import block_sqnr, sqnr_db
+from ditquant.integer.convert import to_integer, to_integer_layer
+from ditquant.integer.export import load_integer, save_integer
+from ditquant.integer.linear import IntLinear
+from ditquant.integer.packing import pack_int4, unpack_int4
+from ditquant.models.bundled import DIT_DIR
+from ditquant.models.loading import DiTSource, load_dit
+from ditquant.quant.apply import quantize_model
+from ditquant.quant.config import QuantConfig
+from ditquant.quant.modules import observing_activations, quant_layers
+from ditquant.quant.spec import QuantSpec
+from tests.tiny_models import random_dit, tiny_config
+
+needs_bundled = pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reason="bundled model not trained yet")
+BLOCK_LINEARS = ["qkv", "attn_out", "fc1", "fc2"]
+ALL_BUT_CONV = ["timestep_mlp", "adaln", *BLOCK_LINEARS, "final_adaln", "final_linear"]
+
+
+def spec(bits, granularity="tensor", symmetric=False, dynamic=False, group=None):
+    return QuantSpec(bits=bits, symmetric=symmetric, granularity=granularity, dynamic=dynamic, group_size=group)
+
+
+SETTINGS = {  # name: QuantConfig; every one must run as integers and agree with its fake-quantized model
+    "W8A8 static per-tensor, attention quantized": QuantConfig(
+        weight=spec(8, "channel"), activation=spec(8), attention=spec(8)),
+    "W4A8 static per-tensor": QuantConfig(weight=spec(4, "channel"), activation=spec(8)),
+    "W8A8 symmetric": QuantConfig(weight=spec(8, "channel", True), activation=spec(8, symmetric=True)),
+    "W6A6": QuantConfig(weight=spec(6, "channel"), activation=spec(6)),
+    "W4A8 dynamic per token": QuantConfig(weight=spec(4, "channel"), activation=spec(8, "token", dynamic=True),
+                                          roles=ALL_BUT_CONV),
+    "W4A8 dynamic per sample": QuantConfig(weight=spec(4, "channel"), activation=spec(8, "sample", dynamic=True),
+                                           roles=BLOCK_LINEARS),
+    "W4A8 group 16 (weights and dynamic activations)": QuantConfig(
+        weight=spec(4, "group", group=16), activation=spec(8, "group", dynamic=True, group=16), roles=BLOCK_LINEARS),
+    "W8A8 weight groups 16, activations per token": QuantConfig(
+        weight=spec(8, "group", group=16), activation=spec(8, "token", dynamic=True), roles=BLOCK_LINEARS),
+    "W4 weight-only": QuantConfig(weight=spec(4, "channel"), activation=spec(16), roles=BLOCK_LINEARS),
+}
+
+
+def batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+def calibrated(config: QuantConfig, seed: int = 0) -> torch.nn.Module:
+    model = quantize_model(random_dit(seed=seed), config)
+    with torch.no_grad(), observing_activations(model):
+        model(*batch(8, seed=1))
+    return model
+
+
+def test_int4_packing_round_trip_and_bad_input():
+    codes = torch.randint(0, 16, (7, 10), generator=torch.Generator().manual_seed(0))
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 5)
+    assert torch.equal(unpack_int4(packed), codes.to(torch.uint8))
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(codes[:, :3])
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        pack_int4(codes - 1)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_integer_model_matches_fake_quantization(name):
+    model = calibrated(SETTINGS[name])
+    integer = to_integer(model)
+    assert not any(True for _ in quant_layers(integer)) and any(isinstance(m, IntLinear) for m in integer.modules())
+    assert any(True for _ in quant_layers(model))  # the source model is untouched
+    x, t, y = batch()
+    with torch.no_grad():
+        ref, out = model(x, t, y).sample, integer(x, t, y).sample
+        assert sqnr_db(ref, out) > 90  # same codes, float summation order only (measured ≈ 135 dB)
+        for q in quant_layers(model):  # layer by layer, on inputs of each layer's own width
+            layer = integer.get_submodule(q.name)
+            inp = torch.randn(3, 5, layer.in_features) if layer.patch is None else torch.randn(2, 4, 8, 8)
+            assert sqnr_db(q(inp), layer(inp)) > 90, q.name
+
+
+def test_packed_storage_and_int8_weights():
+    integer = to_integer(calibrated(SETTINGS["W4A8 static per-tensor"]))
+    fc1 = integer.transformer_blocks[0].ff.net[0].proj
+    assert fc1.weight.dtype == torch.uint8 and fc1.weight.shape == (fc1.out_features, fc1.in_features // 2)
+    assert fc1.integer_weight().dtype == torch.int8 and fc1.integer_weight().abs().max() <= 15
+    w8 = to_integer(calibrated(SETTINGS["W8A8 static per-tensor, attention quantized"]))
+    fc1 = w8.transformer_blocks[0].ff.net[0].proj
+    assert fc1.weight.dtype == torch.int8 and fc1.weight_offset is not None  # asymmetric 8 bit: offset correction
+    sym = to_integer(calibrated(SETTINGS["W8A8 symmetric"])).transformer_blocks[0].ff.net[0].proj
+    assert sym.weight_offset is None and sym.input_zero is not None and not sym.input_zero.any()
+
+
+def test_stored_codes_low_rank_branch_and_divisor_are_kept():
+    """AdaRound codes, DiTAS's low-rank branch and on-the-fly divisor survive the conversion exactly."""
+    model = calibrated(SETTINGS["W4A8 dynamic per sample"])
+    layers = list(quant_layers(model))
+    layers[0].start_adaround()
+    with torch.no_grad():
+        layers[0].adaround.alpha.normal_(0, 2)  # a rounding that differs from round-to-nearest
+    layers[0].finish_adaround()
+    layers[1].compensate_low_rank(rank=2, iterations=2)
+    layers[3].input_divisor = torch.rand(layers[3].layer.in_features) + 0.5
+    integer = to_integer(model)
+    for q in layers[:4]:
+        layer = integer.get_submodule(q.name)
+        x = torch.randn(2, 6, layer.in_features)
+        with torch.no_grad():
+            assert sqnr_db(q(x), layer(x)) > 90, q.name
+    assert integer.get_submodule(layers[1].name).lora_left is not None
+
+
+def test_uncalibrated_or_unquantized_models_are_refused():
+    with pytest.raises(ValueError, match="not calibrated"):
+        to_integer(quantize_model(random_dit(), SETTINGS["W4A8 static per-tensor"]))
+    with pytest.raises(ValueError, match="no quantized layers"):
+        to_integer(random_dit())
+    model = calibrated(SETTINGS["W4A8 static per-tensor"])
+    q = next(iter(quant_layers(model)))
+    q.start_adaround()
+    with pytest.raises(ValueError, match="unfinished"):
+        to_integer_layer(q)
+
+
+def test_export_load_round_trip_and_mismatches(tmp_path):
+    config = SETTINGS["W4A8 static per-tensor"]
+    integer = to_integer(calibrated(config))
+    save_integer(integer, tmp_path / "int", DiTSource(), config)
+    loaded = load_integer(tmp_path / "int", config, tiny_config())
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    x, t, y = batch()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y).sample, integer(x, t, y).sample)
+    fp32 = sum(q.layer.weight.numel() * 4 for q in quant_layers(calibrated(config)))
+    stored = sum(m.weight.numel() for m in loaded.modules() if isinstance(m, IntLinear))
+    assert stored * 8 == fp32  # packed int4: an eighth of fp32, before scales
+    with pytest.raises(ValueError, match="different quant"):
+        load_integer(tmp_path / "int", SETTINGS["W8A8 symmetric"])
+    with pytest.raises(ValueError, match="different architecture"):
+        load_integer(tmp_path / "int", config, tiny_config(depth=3))
+    with pytest.raises(FileNotFoundError, match="ditquant export"):
+        load_integer(tmp_path / "missing")
+    (tmp_path / "int" / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_integer(tmp_path / "int")
+
+
+@needs_bundled
+def test_bundled_model_exported_loaded_and_sampled(tmp_path):
+    """The bundled DiT at W8A8: export, load without its FP weights, sample. Every block agrees with fake
+    quantization to ≥ 40 dB; whole sampling trajectories diverge from it no more than fake quantization diverges
+    from itself under a 1e-6 input perturbation (a rounding boundary crossed anywhere flips a code)."""
+    config = SETTINGS["W8A8 static per-tensor, attention quantized"]
+    fake = quantize_model(load_dit(DiTSource()).transformer, config)
+    sampler = SamplerConfig(num_steps=10)
+    g = torch.Generator().manual_seed(0)
+    noise, labels = torch.randn(4, 1, 28, 28, generator=g), torch.arange(4)
+    with torch.no_grad(), observing_activations(fake):
+        sample(fake, noise, labels, sampler)
+    save_integer(to_integer(fake), tmp_path / "int", DiTSource(), config)
+    integer = load_integer(tmp_path / "int", config)
+    blocks = block_sqnr(fake, integer, noise, torch.full((4,), 500), labels)
+    assert min(blocks) > 40, blocks
+
+    def run_sampler(model, x):
+        with torch.no_grad():
+            return sample(model, x, labels, sampler, torch.Generator().manual_seed(1))
+
+    reference = run_sampler(fake, noise)
+    noise_floor = sqnr_db(reference, run_sampler(fake, noise * (1 + 1e-6)))
+    trajectory = sqnr_db(reference, run_sampler(integer, noise))
+    assert trajectory > noise_floor - 6, (trajectory, noise_floor)
+
+
+def run(*args):
+    try:
+        main(list(args))
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+
+
+@needs_bundled
+def test_cli_fit_export_and_test_both_backends(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["ditquant"])
+    root = tmp_path / "run"
+    common = ["--config", "configs/rtn_w4a8.yaml", "--trainer.default_root_dir", str(root),
+              "--data.cache_dir", str(tmp_path / "calib"), "--model.sampler.num_steps", "10",
+              "--data.num_timesteps", "5", "--data.samples_per_timestep", "4", "--data.num_test_samples", "8",
+              "--data.test_batch_size", "8", "--trainer.enable_progress_bar", "false"]
+    with pytest.raises(SystemExit, match="never calibrated"):
+        run("export", str(root))
+    run("fit", *common)
+    run("export", str(root))
+    assert (root / "integer" / "integer.yaml").is_file()
+    results = {}
+    for name, extra in {"fake": [], "integer": ["--model.backend", "integer"],
+                        "exported": ["--model.load_integer", str(root / "integer")]}.items():
+        out = tmp_path / name
+        run("test", *common, "--trainer.default_root_dir", str(out), "--ckpt_path", str(root / "checkpoints/last.ckpt"),
+            *extra) if name != "exported" else run("test", *common, "--trainer.default_root_dir", str(out), *extra)
+        results[name] = (json.loads((out / "test" / "metrics.json").read_text()),
+                         np.load(out / "test" / "samples.npz")["arr_0"].astype(np.float64))
+    assert results["integer"][0]["label"] == "W4A8 integer"
+    fake_images = results["fake"][1]
+    for name in ("integer", "exported"):
+        mse = np.mean((results[name][1] - fake_images) ** 2)
+        assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 35, name  # the same images up to rare 1-level flips
+    assert results["integer"][1].tobytes() == results["exported"][1].tobytes()
+    with pytest.raises(SystemExit, match="different quant"):
+        run("test", *common, "--trainer.default_root_dir", str(tmp_path / "bad"), "--model.load_integer",
+            str(root / "integer"), "--model.quant.weight.bits", "8")
