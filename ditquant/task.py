@@ -93,7 +93,7 @@ class DiTQuantization(L.LightningModule):
         self.vae = loaded.vae  # not a submodule: never quantized, never checkpointed
         self.transformer = loaded.transformer
         if self.load_integer is not None:  # the exported model samples; the transformer stays FP, as the reference
-            self.integer_transformer = load_integer_model(self.load_integer, self.quant, self.dit_config)
+            self._set_integer_transformer(load_integer_model(self.load_integer, self.quant, self.dit_config))
         elif self.quant is not None:
             quantize_model(self.transformer, self.quant)
             if self.load_quantized is not None:
@@ -115,12 +115,12 @@ class DiTQuantization(L.LightningModule):
 
     @property
     def integer_transformer(self) -> Optional[torch.nn.Module]:
-        """The integer model the test samples with (backend ``integer``); kept out of the module tree, so that
-        Lightning checkpoints and their loading see only the fake-quantized transformer."""
+        """The integer model the test samples with (backend ``integer``)."""
         return self._integer
 
-    @integer_transformer.setter
-    def integer_transformer(self, model: torch.nn.Module) -> None:
+    def _set_integer_transformer(self, model: torch.nn.Module) -> None:
+        # Outside the module tree (nn.Module.__setattr__ would register it), so that Lightning checkpoints and their
+        # loading see only the fake-quantized transformer.
         self.__dict__["_integer"] = model
 
     def num_fit_steps(self) -> int:
@@ -211,7 +211,7 @@ class DiTQuantization(L.LightningModule):
             raise ValueError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
                                "run `ditquant fit` with this config first, or pass --ckpt_path")
         if self.backend == "integer" and self.integer_transformer is None:
-            self.integer_transformer = to_integer(self.transformer)
+            self._set_integer_transformer(to_integer(self.transformer))
         if self.integer_transformer is not None:
             self.integer_transformer.to(self.device)
         if self.vae is not None:

@@ -86,7 +86,8 @@ class IntLinear(nn.Module):
 
     def _weight_sums(self, w: torch.Tensor) -> torch.Tensor:
         """C_w per output and block (float), cached while the stored weight is unchanged."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        w_stored = self.weight  # inference tensors (made under inference_mode) have no version counter
+        key = (w_stored.data_ptr(), None if w_stored.is_inference() else w_stored._version)
         if self._colsum is None or self._colsum[0] != key:
             sums = w.view(self.out_features, -1, self.block).sum(-1, dtype=torch.int32).float()
             self._colsum = (key, sums)
