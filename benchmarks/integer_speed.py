@@ -10,13 +10,14 @@ Prints, each measured in this run with the variants interleaved (A/B/A/B…, med
 2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, next
    to the bare ``torch._int_mm`` vs fp32 matmul ratio (the limit the layer can reach);
 3. bytes: safetensors file of the fp32 model vs the integer W8 / W4 exports (whole model, and the quantized
-   weights alone), and peak resident memory of a process that loads each file and runs one forward (batch 1).
+   weights alone), and the peak memory of a process that loads each file and runs one forward (batch 1).
 With ``--device cuda`` the float baselines are bf16 eager and bf16 + torch.compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -134,12 +135,13 @@ def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: i
 
 
 _PEAK = """
-import resource, sys, torch
+import json, resource, sys, torch
 from safetensors.torch import load_file
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.integer.export import load_integer
-kind, path = sys.argv[1], sys.argv[2]
-config = DiTConfig.named("DiT-XL/2", input_size=32)
+kind, path, config = sys.argv[1], sys.argv[2], DiTConfig(**json.loads(sys.argv[3]))
+import os
+imported = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident after imports
 if kind == "fp32":
     with torch.device("meta"):
         model = build_dit(config)
@@ -151,20 +153,21 @@ if kind == "fp32":
     model.load_state_dict(state, assign=True)
 elif kind == "integer":
     model = load_integer(path)
-if kind != "baseline":
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        model(torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.tensor([1]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+g = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    model(torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.tensor([1]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - imported)
 """
 
 
-def peak_rss(kind: str, path: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PEAK, kind, path], check=True, capture_output=True, text=True)
+def peak_rss(kind: str, path: str, config: DiTConfig) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK, kind, path, json.dumps(config.to_dict())], check=True,
+                         capture_output=True, text=True)
     return int(out.stdout.split()[-1])
 
 
-def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quants: dict[str, QuantConfig]) -> None:
+def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quants: dict[str, QuantConfig],
+                config: DiTConfig) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fp_file = Path(tmp) / "fp32.safetensors"
         state = {k: v.contiguous() for k, v in fp.state_dict().items()}
@@ -172,23 +175,22 @@ def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quant
         save_file(state, str(fp_file))
         quantized_fp32 = sum(m.in_features * m.out_features * 4 for m in integers["W8A8"].modules()
                              if isinstance(m, IntLinear))
-        base = peak_rss("baseline", "")
-        rows = [("fp32", fp_file.stat().st_size, quantized_fp32, peak_rss("fp32", str(fp_file)))]
+        rows = [("fp32", fp_file.stat().st_size, quantized_fp32, peak_rss("fp32", str(fp_file), config))]
         for name, model in integers.items():
             folder = Path(tmp) / name
             save_integer(model, folder, DiTSource(), quants[name])
             weights = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, IntLinear)
                           for n, t in m.named_buffers() if n.startswith("weight"))
             rows.append((name, (folder / "model.safetensors").stat().st_size, weights,
-                         peak_rss("integer", str(folder))))
-    print(f"\n## bytes (peak RSS: load the file + one batch-1 forward, minus {base / 2**20:.0f} MiB of an idle "
-          "process that imported torch)\n")
+                         peak_rss("integer", str(folder), config)))
+    print("\n## bytes (peak memory: a process's peak resident set while it loads the file and runs one batch-1 "
+          "forward, minus its resident set after importing torch)\n")
     print("| model | file | ratio | quantized weights | ratio | peak RSS | ratio |")
     print("|---|---|---|---|---|---|---|")
-    f0, w0, p0 = rows[0][1], rows[0][2], rows[0][3] - base
+    f0, w0, p0 = rows[0][1], rows[0][2], rows[0][3]
     for name, file, weights, peak in rows:
         print(f"| {name} | {file / 2**20:.0f} MiB | 1/{f0 / file:.2f} | {weights / 2**20:.0f} MiB | "
-              f"1/{w0 / weights:.2f} | {(peak - base) / 2**20:.0f} MiB | 1/{p0 / (peak - base):.2f} |")
+              f"1/{w0 / weights:.2f} | {peak / 2**20:.0f} MiB | 1/{p0 / max(peak, 1):.2f} |")
 
 
 def profile(model: torch.nn.Module, config: DiTConfig, batch: int) -> None:
@@ -234,7 +236,7 @@ def main() -> None:
     if device == "cpu":
         gemm_table(integers["W8A8"], config, max(args.batch), args.repeats)
         if not args.skip_bytes:
-            bytes_table(fp, integers, quants)
+            bytes_table(fp, integers, quants, config)
         if args.profile:
             profile(integers["W8A8"], config, max(args.batch))
 
