@@ -48,6 +48,11 @@ SETTINGS = {  # name: QuantConfig; every one must run as integers and agree with
 }
 
 
+@pytest.fixture(params=["W4A8 dynamic per sample", "W4 weight-only"])
+def extras_setting(request):
+    return request.param
+
+
 def batch(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
@@ -100,9 +105,9 @@ def test_packed_storage_and_int8_weights():
     assert sym.weight_offset is None and sym.input_zero is not None and not sym.input_zero.any()
 
 
-def test_stored_codes_low_rank_branch_and_divisor_are_kept():
+def test_stored_codes_low_rank_branch_and_divisor_are_kept(extras_setting):
     """AdaRound codes, DiTAS's low-rank branch and on-the-fly divisor survive the conversion exactly."""
-    model = calibrated(SETTINGS["W4A8 dynamic per sample"])
+    model = calibrated(SETTINGS[extras_setting])
     layers = list(quant_layers(model))
     layers[0].start_adaround()
     with torch.no_grad():

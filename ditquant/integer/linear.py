@@ -142,14 +142,17 @@ class IntLinear(nn.Module):
         if self.input_divisor is not None:
             x = x / self.input_divisor
         if not self.input_spec.enabled:  # weight-only quantization
-            y = F.linear(x, self.dequantized_weight(), self.bias)
+            xq = x.reshape(-1, self.in_features)
+            y = F.linear(xq, self.dequantized_weight(), self.bias)
         else:
             codes, scale, zero = self.quantize_input(x.float())
             y = self._integer_matmul(codes, scale, zero)
-            if self.lora_left is not None:
-                xq = (codes.float().view(codes.shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
-                y = y + F.linear(F.linear(xq.view(codes.shape), self.lora_right), self.lora_left)
-            y = y.reshape(*lead, self.out_features)
+            if self.lora_left is not None:  # the branch reads the dequantized input
+                xq = ((codes.float().view(codes.shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
+                      ).view(codes.shape)
+        if self.lora_left is not None:
+            y = y + F.linear(F.linear(xq, self.lora_right), self.lora_left)
+        y = y.reshape(*lead, self.out_features)
         if self.patch is not None:
             y = y.transpose(1, 2).reshape(batch, self.out_features, height // self.patch, width // self.patch)
         return y.to(dtype)

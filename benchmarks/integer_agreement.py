@@ -1,0 +1,88 @@
+"""Integer vs fake-quantized inference of calibrated bundled-model runs: per-block SQNR and the test metrics.
+
+    python benchmarks/integer_agreement.py runs/quality/ptq4dit_w4a8 runs/quality/ditas_w4a8 [--num-samples 1000]
+
+Each RUN is a ``default_root_dir`` where ``ditquant fit`` and ``ditquant test`` already ran (e.g. by
+``benchmarks/bundled_quality.py``). Per run: the calibrated model (``RUN/quantized``) is converted to integers and
+every transformer block is compared with its fake-quantized self on the same inputs — the fake model's block inputs
+along the FP sampler's trajectory (8 labels, 5 of the sampler's steps); then ``ditquant test --model.backend
+integer`` samples with the run's own resolved config into ``RUN-integer`` and its metrics are printed next to the
+fake-quantized ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.integer.agreement import block_sqnr
+from ditquant.integer.command import quantized_folder
+from ditquant.integer.convert import to_integer
+from ditquant.integer.export import quant_config_from_dict
+from ditquant.models.loading import DiTSource, load_dit
+from ditquant.quant.apply import quantize_model
+from ditquant.quant.artifact import META, load_quantized
+
+
+def block_agreement(run: Path, sampler: SamplerConfig, steps: int = 5) -> list[float]:
+    folder = quantized_folder(run)
+    meta = yaml.safe_load((folder / META).read_text())
+    source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
+    loaded = load_dit(source)
+    fake = quantize_model(loaded.transformer, quant, init_weights=False)
+    load_quantized(fake, folder, source, quant)
+    integer = to_integer(fake)
+    c = loaded.config
+    labels = torch.arange(8) % c.num_classes
+    noise = torch.randn(8, c.in_channels, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
+    visit = set(torch.linspace(0, sampler.num_steps - 1, steps).round().int().tolist())
+    results: list[float] = []
+
+    def on_step(i, t, x):
+        if i in visit:
+            both = torch.cat([labels, torch.full_like(labels, c.num_classes)])  # the guided batch: cond + null
+            results.extend(block_sqnr(fake, integer, torch.cat([x, x]), torch.full((len(both),), t), both))
+
+    with torch.no_grad():
+        sample(fake, noise, labels, sampler, torch.Generator().manual_seed(1), on_step=on_step)
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--num-samples", type=int, default=1000)
+    args = p.parse_args()
+    rows = []
+    for run in args.runs:
+        config = run / "test" / "config.yaml"
+        fake = json.loads((run / "test" / "metrics.json").read_text())
+        resolved = yaml.safe_load(config.read_text())
+        sampler = SamplerConfig(**resolved["model"]["sampler"])
+        sqnr = block_agreement(run, sampler)
+        out = run.parent / f"{run.name}-integer"
+        if not (out / "test" / "metrics.json").is_file():
+            subprocess.run([sys.executable, "-m", "ditquant", "test", "--config", str(config), "--model.backend",
+                            "integer", "--trainer.default_root_dir", str(out), "--ckpt_path",
+                            str(run / "checkpoints" / "last.ckpt"), "--data.num_test_samples", str(args.num_samples),
+                            "--trainer.enable_progress_bar", "false"], check=True)
+        integer = json.loads((out / "test" / "metrics.json").read_text())
+        rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer))
+    print(f"\n{args.num_samples} samples; block SQNR over {len(sqnr)} block calls per run\n")
+    print("| run | block SQNR min / mean (dB) | FID vs data fake / integer | FID vs FP fake / integer "
+          "| PSNR vs FP fake / integer (dB) |")
+    print("|---|---|---|---|---|")
+    for name, lo, mean, f, i in rows:
+        print(f"| {name} | {lo:.1f} / {mean:.1f} | {f['fid_vs_data']:.2f} / {i['fid_vs_data']:.2f} | "
+              f"{f['fid_vs_fp']:.3f} / {i['fid_vs_fp']:.3f} | {f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
