@@ -59,14 +59,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--blocks-only", action="store_true", help="per-block SQNR only (no integer test run)")
     args = p.parse_args()
     rows = []
     for run in args.runs:
         config = run / "test" / "config.yaml"
+        resolved = yaml.safe_load(config.read_text()) if config.is_file() else {"model": {"sampler": {}}}
+        sqnr = block_agreement(run, SamplerConfig(**resolved["model"]["sampler"]))
+        if args.blocks_only:
+            print(f"{run.name}: block SQNR min {min(sqnr):.1f} dB, mean {sum(sqnr) / len(sqnr):.1f} dB over "
+                  f"{len(sqnr)} block calls")
+            continue
         fake = json.loads((run / "test" / "metrics.json").read_text())
-        resolved = yaml.safe_load(config.read_text())
-        sampler = SamplerConfig(**resolved["model"]["sampler"])
-        sqnr = block_agreement(run, sampler)
         out = run.parent / f"{run.name}-integer"
         if not (out / "test" / "metrics.json").is_file():
             subprocess.run([sys.executable, "-m", "ditquant", "test", "--config", str(config), "--model.backend",
@@ -75,6 +79,8 @@ def main() -> None:
                             "--trainer.enable_progress_bar", "false"], check=True)
         integer = json.loads((out / "test" / "metrics.json").read_text())
         rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer))
+    if not rows:
+        return
     print(f"\n{args.num_samples} samples; block SQNR over {len(sqnr)} block calls per run\n")
     print("| run | block SQNR min / mean (dB) | FID vs data fake / integer | FID vs FP fake / integer "
           "| PSNR vs FP fake / integer (dB) |")

@@ -80,7 +80,7 @@ class IntLinear(nn.Module):
         self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.int8) if self.packed else None)
         for name_ in ("weight_offset", "bias", "input_scale", "input_zero", "input_divisor", "lora_left", "lora_right"):
             self.register_buffer(name_, None)
-        self._colsum: Optional[tuple[tuple, torch.Tensor]] = None
+        self._cache: Optional[tuple[tuple, dict]] = None
 
     # ---- weights ----
 
@@ -90,15 +90,6 @@ class IntLinear(nn.Module):
             return self.weight
         zero = self.weight_zero.repeat_interleave(self.in_features // self.weight_zero.shape[1], dim=1)
         return unpack_int4(self.weight).view(torch.int8).sub_(zero)
-
-    def _weight_sums(self, w: torch.Tensor) -> torch.Tensor:
-        """C_w per output and block (float), cached while the stored weight is unchanged."""
-        w_stored = self.weight  # inference tensors (made under inference_mode) have no version counter
-        key = (w_stored.data_ptr(), None if w_stored.is_inference() else w_stored._version)
-        if self._colsum is None or self._colsum[0] != key:
-            sums = w.view(self.out_features, -1, self.block).sum(-1, dtype=torch.int32).float()
-            self._colsum = (key, sums)
-        return self._colsum[1]
 
     def dequantized_weight(self) -> torch.Tensor:
         """s_w (w − z_w) as float (weight-only layers, and checks)."""
@@ -157,49 +148,71 @@ class IntLinear(nn.Module):
             y = y.transpose(1, 2).reshape(batch, self.out_features, height // self.patch, width // self.patch)
         return y.to(dtype)
 
+    def _constants(self, w: torch.Tensor) -> dict:
+        """Per-output vectors of the rescale, per block (out, blocks), cached while no tensor they derive from
+        changes: s_w, s_w·C_w, s_w·z_w and, for a static per-tensor activation range, c = s_a·s_w and
+        d = −z_a·s_a·s_w·C_w (+ b)."""
+        tensors = (self.weight, self.weight_scale, self.weight_zero, self.weight_offset, self.input_scale,
+                   self.input_zero, self.bias)
+        # inference tensors (made under inference_mode) have no version counter
+        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        blocks = self.in_features // self.block
+        w_scale = self._blockwise(self.weight_scale, blocks)
+        sums = w.view(self.out_features, blocks, self.block).sum(-1, dtype=torch.int32).float()
+        constants = {"w_scale": w_scale, "sums": w_scale * sums, "offset": None, "c": None, "d": None}
+        if self.weight_offset is not None:
+            constants["offset"] = w_scale * self._blockwise(self.weight_offset, blocks)
+        if self.input_scale is not None and self.input_spec.granularity == "tensor":
+            shift = code_shift(self.input_spec)
+            scale, zero = self.input_scale.reshape(()), self.input_zero.reshape(()) - shift
+            constants["c"] = scale * w_scale
+            constants["d"] = -zero * scale * constants["sums"]
+            if self.bias is not None and blocks == 1:
+                constants["d"] = constants["d"] + self.bias[:, None]
+        self._cache = (key, constants)
+        return constants
+
     def _integer_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         w = self.integer_weight()
-        sums = self._weight_sums(w)
+        k = self._constants(w)
         blocks = self.in_features // self.block
-        w_scale, w_offset = self._blockwise(self.weight_scale, blocks), None
-        if self.weight_offset is not None:
-            w_offset = self._blockwise(self.weight_offset, blocks)
-        scale, zero = self._blockwise(scale, blocks), self._blockwise(zero, blocks)
         if blocks == 1:
-            return self._scaled(int_mm(codes, w.t()), codes, scale, zero, w_scale[:, 0], sums[:, 0],
-                                None if w_offset is None else w_offset[:, 0], self.bias)
+            return self._scaled(int_mm(codes, w.t()), codes, scale, zero, k, 0, with_bias=True)
+        scale, zero = self._blockwise(scale, blocks), self._blockwise(zero, blocks)
         y = None
         for b in range(blocks):
             cols = slice(b * self.block, (b + 1) * self.block)
             a = codes[:, cols].contiguous()
-            part = self._scaled(int_mm(a, w[:, cols].t()), a, scale[:, b:b + 1], zero[:, b:b + 1],
-                                w_scale[:, b], sums[:, b], None if w_offset is None else w_offset[:, b], None)
+            part = self._scaled(int_mm(a, w[:, cols].t()), a, scale[:, b:b + 1], zero[:, b:b + 1], k, b, False)
             y = part if y is None else y.add_(part)
         return y if self.bias is None else y.add_(self.bias)
 
-    def _scaled(self, acc: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                w_scale: torch.Tensor, w_sums: torch.Tensor, w_offset: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """s_a s_w [acc − z_a C_w − (R_a − k z_a) z_w] (+ b) for one block: acc (T, out) int32; scale, zero (T | 1, 1);
-        w_scale, w_sums, w_offset (out,)."""
+    def _scaled(self, acc: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: dict,
+                b: int, with_bias: bool) -> torch.Tensor:
+        """s_a s_w [acc − z_a C_w − (R_a − k z_a) z_w] (+ b) for block b: acc (T, out) int32; scale, zero
+        (T | 1, 1); k: ``_constants``."""
         y = acc.view(torch.float32)  # converted in place: a fresh (T, out) float buffer costs more than the GEMM's
         y.copy_(acc)  # epilogue itself (page faults on every call)
-        if scale.shape[0] == 1:  # one activation range for every token: one fused pass over the output
-            c = scale[0] * w_scale
-            d = -zero[0] * w_sums * c
-            torch.addcmul(d if bias is None else d + bias, y, c, out=y)
+        if k["c"] is not None:  # static per-tensor activations: one fused pass over the output
+            torch.addcmul(k["d"][:, b], y, k["c"][:, b], out=y)
+        elif scale.shape[0] == 1:  # one dynamic range for every token
+            c = scale[0] * k["w_scale"][:, b]
+            d = -zero[0] * scale[0] * k["sums"][:, b]
+            torch.addcmul(d + self.bias if with_bias and self.bias is not None else d, y, c, out=y)
         else:
-            y.mul_(w_scale)
-            y.addr_(zero[:, 0], w_scale * w_sums, alpha=-1)
+            y.mul_(k["w_scale"][:, b])
+            y.addr_(zero[:, 0], k["sums"][:, b], alpha=-1)
             y.mul_(scale)
-            if bias is not None:
-                y.add_(bias)
-        if w_offset is not None:
+            if with_bias and self.bias is not None:
+                y.add_(self.bias)
+        if k["offset"] is not None:
             # R_a per token as a GEMM against a ones column (several times faster than an int8 row sum)
             ones = torch.ones(codes.shape[1], 8, dtype=torch.int8, device=codes.device)
             row_sums = int_mm(codes, ones)[:, 0].float()
             u = (row_sums - codes.shape[1] * zero[:, 0]) * scale[:, 0]
-            y.addr_(u, w_scale * w_offset, alpha=-1)
+            y.addr_(u, k["offset"][:, b], alpha=-1)
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
