@@ -16,6 +16,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        # a plain file's permissions: some writers (safetensors) create their file owner-only
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
