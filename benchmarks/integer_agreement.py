@@ -23,21 +23,13 @@ import yaml
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr
-from ditquant.integer.command import quantized_folder
+from ditquant.integer.command import load_calibrated, quantized_folder
 from ditquant.integer.convert import to_integer
-from ditquant.integer.export import quant_config_from_dict
-from ditquant.models.loading import DiTSource, load_dit
-from ditquant.quant.apply import quantize_model
-from ditquant.quant.artifact import META, load_quantized
 
 
 def block_agreement(run: Path, sampler: SamplerConfig, steps: int = 5) -> list[float]:
-    folder = quantized_folder(run)
-    meta = yaml.safe_load((folder / META).read_text())
-    source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
-    loaded = load_dit(source)
-    fake = quantize_model(loaded.transformer, quant, init_weights=False)
-    load_quantized(fake, folder, source, quant)
+    loaded, _, _ = load_calibrated(quantized_folder(run))
+    fake = loaded.transformer
     integer = to_integer(fake)
     c = loaded.config
     labels = torch.arange(8) % c.num_classes

@@ -138,19 +138,14 @@ _PEAK = """
 import json, sys, torch
 from safetensors.torch import load_file
 from ditquant.models.dit import DiTConfig, build_dit
-from ditquant.integer.export import load_integer
+from ditquant.integer.export import assign_state, load_integer
 kind, path, config = sys.argv[1], sys.argv[2], DiTConfig(**json.loads(sys.argv[3]))
 import os
 imported = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident after imports
 if kind == "fp32":
     with torch.device("meta"):
         model = build_dit(config)
-    state = load_file(path)
-    buffers = dict(model.named_buffers())
-    for name in [k for k in state if k in buffers and k not in model.state_dict()]:
-        owner, _, b = name.rpartition(".")
-        model.get_submodule(owner)._buffers[b] = state.pop(name)
-    model.load_state_dict(state, assign=True)
+    assign_state(model, load_file(path))
 elif kind == "integer":
     model = load_integer(path)
 g = torch.Generator().manual_seed(0)
@@ -181,8 +176,7 @@ def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quant
         for name, model in integers.items():
             folder = Path(tmp) / name
             save_integer(model, folder, DiTSource(), quants[name])
-            weights = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, IntLinear)
-                          for n, t in m.named_buffers() if n.startswith("weight"))
+            weights = sum(m.weight_bytes for m in model.modules() if isinstance(m, IntLinear))
             rows.append((name, (folder / "model.safetensors").stat().st_size, weights,
                          peak_rss("integer", str(folder), config)))
     print("\n## bytes (peak memory: a process's peak resident set while it loads the file and runs one batch-1 "

@@ -7,6 +7,8 @@ import torch
 
 from ditquant.cli import main
 from ditquant.models.bundled import DIT_DIR
+from tests.cli_helpers import run, small_run
+
 
 @pytest.fixture(autouse=True)
 def plain_argv(monkeypatch):
@@ -17,14 +19,6 @@ CONFIGS = sorted(Path("configs").rglob("*.yaml"))
 MODEL_CONFIGS = [c for c in CONFIGS if c.parent.name == "models"]
 METHOD_CONFIGS = [c for c in CONFIGS if c.parent.name != "models"]
 needs_bundled = pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reason="bundled model not trained yet")
-
-
-def run(*args):
-    try:
-        main(list(args))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=str)
@@ -44,10 +38,7 @@ def test_help_lists_subcommands(capsys):
 @needs_bundled
 def test_fit_then_test_on_bundled_model(tmp_path):
     root = tmp_path / "run"
-    common = ["--config", "configs/rtn_w8a8.yaml", "--trainer.default_root_dir", str(root),
-              "--data.cache_dir", str(tmp_path / "calib"), "--model.sampler.num_steps", "10",
-              "--data.num_timesteps", "5", "--data.samples_per_timestep", "4", "--data.num_test_samples", "20",
-              "--data.test_batch_size", "10", "--trainer.enable_progress_bar", "false"]
+    common = small_run("configs/rtn_w8a8.yaml", root, tmp_path / "calib", 20, 10)
     run("fit", *common)
     ckpt = root / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()

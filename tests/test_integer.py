@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from ditquant.cli import main
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr, sqnr_db
 from ditquant.integer.convert import to_integer, to_integer_layer
@@ -19,6 +18,7 @@ from ditquant.quant.apply import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations, quant_layers
 from ditquant.quant.spec import QuantSpec
+from tests.cli_helpers import run, small_run
 from tests.tiny_models import random_dit, tiny_config
 
 needs_bundled = pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reason="bundled model not trained yet")
@@ -186,22 +186,11 @@ def test_bundled_model_exported_loaded_and_sampled(tmp_path):
     assert trajectory > noise_floor - 6, (trajectory, noise_floor)
 
 
-def run(*args):
-    try:
-        main(list(args))
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise
-
-
 @needs_bundled
 def test_cli_fit_export_and_test_both_backends(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["ditquant"])
     root = tmp_path / "run"
-    common = ["--config", "configs/rtn_w4a8.yaml", "--trainer.default_root_dir", str(root),
-              "--data.cache_dir", str(tmp_path / "calib"), "--model.sampler.num_steps", "10",
-              "--data.num_timesteps", "5", "--data.samples_per_timestep", "4", "--data.num_test_samples", "8",
-              "--data.test_batch_size", "8", "--trainer.enable_progress_bar", "false"]
+    common = small_run("configs/rtn_w4a8.yaml", root, tmp_path / "calib", 8, 8)
     with pytest.raises(SystemExit, match="never calibrated"):
         run("export", str(root))
     run("fit", *common)

@@ -22,6 +22,7 @@ from ditquant.quant.apply import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec
+from tests.cli_helpers import small_run
 from tests.tiny_models import random_dit
 
 W4A8 = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), activation=QuantSpec(bits=8),
@@ -163,11 +164,8 @@ def test_bad_options_are_clear_errors():
 def test_ptq4dit_fit_then_test_from_the_cli(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["ditquant"])
     root = tmp_path / "run"
-    common = ["--config", "configs/ptq4dit_w4a8.yaml", "--trainer.default_root_dir", str(root),
-              "--data.cache_dir", str(tmp_path / "calib"), "--model.sampler.num_steps", "10",
-              "--data.num_timesteps", "5", "--data.samples_per_timestep", "4", "--data.num_test_samples", "20",
-              "--data.test_batch_size", "10", "--model.reconstruction.iterations", "2",
-              "--trainer.enable_progress_bar", "false"]
+    common = small_run("configs/ptq4dit_w4a8.yaml", root, tmp_path / "calib", 20, 10,
+                       "--model.reconstruction.iterations", "2")
     cli_main(["fit", *common])
     summary = json.loads((root / "quantized" / "fit_summary.json").read_text())
     balancing = summary["preprocessing"]["salience_balancing"]

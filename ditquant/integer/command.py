@@ -18,9 +18,10 @@ from rich.table import Table
 from ditquant.integer.convert import to_integer
 from ditquant.integer.export import quant_config_from_dict, save_integer
 from ditquant.integer.linear import IntLinear
-from ditquant.models.loading import DiTSource, load_dit
+from ditquant.models.loading import DiTSource, LoadedDiT, load_dit
 from ditquant.quant.apply import quantize_model, uncalibrated_layers
 from ditquant.quant.artifact import META, load_quantized
+from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import quant_layers
 
 
@@ -34,12 +35,23 @@ def quantized_folder(run: Path) -> Path:
                             "finish")
 
 
+def load_calibrated(folder: Path) -> tuple[LoadedDiT, DiTSource, QuantConfig]:
+    """The calibrated model a fit saved in ``folder`` (``quantized/``): its source loaded, quantized with the
+    saved QuantConfig and given the saved state; refuses a model with uncalibrated layers."""
+    meta = yaml.safe_load((folder / META).read_text())
+    source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
+    loaded = load_dit(source)
+    quantize_model(loaded.transformer, quant, init_weights=False)
+    load_quantized(loaded.transformer, folder, source, quant)
+    if missing := uncalibrated_layers(loaded.transformer):
+        raise ValueError(f"{folder}: {len(missing)} layers are not calibrated (e.g. {missing[0]})")
+    return loaded, source, quant
+
+
 def size_table(fake: torch.nn.Module, integer: torch.nn.Module) -> Table:
     """Bytes of the quantized layers' weights: fp32 vs stored integer (weights, scales and zero points)."""
     fp32 = sum(q.layer.weight.numel() * 4 for q in quant_layers(fake))
-    stored = sum(sum(t.numel() * t.element_size() for n, t in m.named_buffers()
-                     if n.startswith("weight") and t is not None)
-                 for m in integer.modules() if isinstance(m, IntLinear))
+    stored = sum(m.weight_bytes for m in integer.modules() if isinstance(m, IntLinear))
     table = Table(title="quantized weights")
     for col in ("layers", "fp32 bytes", "integer bytes", "ratio"):
         table.add_column(col, justify="right")
@@ -54,14 +66,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/integer)")
     args = p.parse_args(argv)
     folder = quantized_folder(args.run)
-    meta = yaml.safe_load((folder / META).read_text())
-    source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
-    model = quantize_model(load_dit(source).transformer, quant, init_weights=False)
-    load_quantized(model, folder, source, quant)
-    if missing := uncalibrated_layers(model):
-        raise ValueError(f"{folder}: {len(missing)} layers are not calibrated (e.g. {missing[0]})")
-    integer = to_integer(model)
+    loaded, source, quant = load_calibrated(folder)
+    integer = to_integer(loaded.transformer)
     out = args.out or folder.parent / "integer"
     save_integer(integer, out, source, quant)
-    Console(stderr=True).print(size_table(model, integer))
+    Console(stderr=True).print(size_table(loaded.transformer, integer))
     print(f"integer model written to {out}")

@@ -65,6 +65,16 @@ def save_integer(model: nn.Module, folder: str | Path, source, quant: QuantConfi
     return folder
 
 
+def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put a saved state's tensors into ``model`` (built on the meta device) without copies: non-persistent buffers
+    (saved by ``save_integer``) by hand, the rest with a strict ``load_state_dict(assign=True)``."""
+    persistent, buffers = model.state_dict().keys(), dict(model.named_buffers())
+    for name in [k for k in state if k not in persistent and k in buffers]:
+        owner, _, buffer = name.rpartition(".")
+        model.get_submodule(owner)._buffers[buffer] = state.pop(name)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
 def read_integer_meta(folder: str | Path) -> dict:
     """integer.yaml of an exported folder, checked for presence and format."""
     meta_path = Path(folder) / META
@@ -98,12 +108,8 @@ def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{folder / WEIGHTS}: cannot read ({e})") from None
-    persistent = model.state_dict().keys()
-    for name in [k for k in state if k not in persistent and k in dict(model.named_buffers())]:
-        owner, _, buffer = name.rpartition(".")
-        model.get_submodule(owner)._buffers[buffer] = state.pop(name)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        assign_state(model, state)
     except RuntimeError as e:
         raise ValueError(f"{folder / WEIGHTS} does not match {folder / META}: {str(e)[:500]}") from None
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

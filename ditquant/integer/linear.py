@@ -88,15 +88,23 @@ class IntLinear(nn.Module):
         """The int8 weight w − z_w (out, in) the GEMM reads (int4: unpacked on the fly, never kept)."""
         if not self.packed:
             return self.weight
-        zero = self.weight_zero.repeat_interleave(self.in_features // self.weight_zero.shape[1], dim=1)
-        return unpack_int4(self.weight).view(torch.int8).sub_(zero)
+        return unpack_int4(self.weight).view(torch.int8).sub_(self._per_channel(self.weight_zero))
+
+    def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-group (out, groups) tensor repeated over each group's input channels: (out, in)."""
+        return t.repeat_interleave(self.in_features // t.shape[1], dim=1)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight: codes, scales, zero points."""
+        return sum(t.numel() * t.element_size() for name, t in self.named_buffers() if name.startswith("weight"))
 
     def dequantized_weight(self) -> torch.Tensor:
         """s_w (w − z_w) as float (weight-only layers, and checks)."""
         w = self.integer_weight().float()
         if self.weight_offset is not None:
-            w = w - self.weight_offset.repeat_interleave(self.in_features // self.weight_offset.shape[1], dim=1)
-        return w * self.weight_scale.repeat_interleave(self.in_features // self.weight_scale.shape[1], dim=1)
+            w = w - self._per_channel(self.weight_offset)
+        return w * self._per_channel(self.weight_scale)
 
     # ---- activations ----
 
