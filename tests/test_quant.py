@@ -202,3 +202,45 @@ def test_adaround_codes_in_a_layer(tiny, granularity, group):
     layer.finish_adaround()
     assert layer.adaround is None and layer.weight_codes.dtype == torch.uint8
     torch.testing.assert_close(layer.quantized_weight(), rtn)  # untrained rounding hardens to round-to-nearest
+
+
+def test_column_group_layout_is_the_ditas_reshape():
+    """DiTAS's official weight layout: W reshaped row-major to (g, O·I/g), one range per column of that view, so a
+    group holds g elements of one input column from rows r, r + O/g, …"""
+    torch.manual_seed(0)
+    w = torch.randn(8, 6)
+    spec = QuantSpec(bits=4, granularity="column_group", group_size=4)
+    view = w.reshape(4, -1)                       # the official reshape
+    lo, hi = view.amin(0).clamp(max=0), view.amax(0).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    zero = (-lo / scale).round()
+    expected = ((torch.clamp((view / scale).round() + zero, 0, 15) - zero) * scale).reshape(w.shape)
+    torch.testing.assert_close(quantize_tensor(w, spec, is_weight=True), expected)
+    groups = grouped(w, spec, True)
+    assert groups.shape == (12, 4) and torch.equal(groups[7], w[[1, 3, 5, 7], 1])  # column 1, rows 1, 1 + O/g, …
+    # groups never span input columns, so a per-input-channel scaling commutes with quantization (powers of two:
+    # exact in floating point)
+    s = 2.0 ** torch.randint(-3, 4, (6,)).float()
+    torch.testing.assert_close(quantize_tensor(w * s, spec, True), quantize_tensor(w, spec, True) * s)
+    with pytest.raises(ValueError, match="does not divide the 6 output channels"):
+        quantize_tensor(w.t(), spec, True)
+
+
+def test_column_group_weights_through_adaround_lora_and_integer_refusal(tiny):
+    from ditquant.integer.convert import to_integer_layer
+    spec = QuantSpec(bits=4, granularity="column_group", group_size=8)
+    dynamic = QuantSpec(bits=8, granularity="token", dynamic=True)
+    quantize_model(tiny, QuantConfig(weight=spec, activation=dynamic, roles=["fc1"]))
+    layer = next(quant_layers(tiny))
+    rtn = layer.quantized_weight().clone()
+    torch.testing.assert_close(rtn, quantize_tensor(layer.layer.weight, spec, True))
+    layer.start_adaround()
+    layer.finish_adaround()
+    torch.testing.assert_close(layer.quantized_weight(), rtn)  # codes come back in the weight's own layout
+    layer.weight_codes = None
+    errors = layer.compensate_low_rank(rank=2, iterations=3)
+    assert min(errors) < (rtn - layer.layer.weight).norm().item()
+    with pytest.raises(ValueError, match="'column_group' weight layout .* use granularity 'channel'"):
+        to_integer_layer(layer)
+    with pytest.raises(ValueError, match="quant.activation.granularity 'column_group' is for weights"):
+        QuantConfig(activation=QuantSpec(granularity="column_group", group_size=8))

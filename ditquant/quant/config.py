@@ -53,7 +53,10 @@ class QuantConfig:
                 raise ValueError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
         if self.weight.granularity in ("token", "sample"):
             raise ValueError(f"quant.weight.granularity {self.weight.granularity!r} is for activations; use "
-                             "'channel' or 'group'")
+                             "'channel', 'group' or 'column_group'")
+        if self.activation.granularity in ("channel", "column_group"):
+            raise ValueError(f"quant.activation.granularity {self.activation.granularity!r} is for weights; use "
+                             "'tensor', 'token', 'sample' or 'group'")
 
     def specs_for(self, role: str) -> tuple[QuantSpec, QuantSpec]:
         weight, activation = self.weight, self.activation

@@ -12,7 +12,7 @@ from torch import nn
 from ditquant.quant.adaround import AdaRoundWeight
 from ditquant.quant.affine import integer_codes
 from ditquant.quant.lora import low_rank_quantize
-from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor
+from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor, ungrouped
 from ditquant.quant.spec import QuantSpec
 
 
@@ -20,6 +20,10 @@ def _scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tupl
     fan_in = weight[0].numel() if is_weight else weight.shape[1]
     if spec.granularity == "channel":
         return (weight.shape[0], 1)
+    if spec.granularity == "column_group" and is_weight:
+        if weight.shape[0] % spec.group_size:
+            raise ValueError(f"column group size {spec.group_size} does not divide out_features={weight.shape[0]}")
+        return (weight.shape[0] * fan_in // spec.group_size, 1)
     if spec.granularity == "group":
         if fan_in % spec.group_size:
             raise ValueError(f"group size {spec.group_size} does not divide in_features={fan_in}")
@@ -105,7 +109,7 @@ class QuantLayer(nn.Module):
         if not q.enabled or q.bypass:
             return w
         if self.adaround is not None:
-            return self.adaround().reshape(w.shape)
+            return ungrouped(self.adaround(), w.shape, q.spec)
         if torch.is_grad_enabled():
             return self._fake_quantized_weight()
         # Sampling calls every layer hundreds of times with the same weight: reuse it while no tensor it depends on
@@ -126,7 +130,7 @@ class QuantLayer(nn.Module):
     def _fake_quantized_weight(self) -> torch.Tensor:
         q, w = self.weight_quantizer, self.layer.weight
         if self.weight_codes is not None:
-            return ((self.weight_codes.to(w.dtype) - q.zero_point) * q.scale).reshape(w.shape)
+            return ungrouped((self.weight_codes.to(w.dtype) - q.zero_point) * q.scale, w.shape, q.spec)
         return q(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

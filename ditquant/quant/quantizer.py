@@ -2,7 +2,7 @@
 calibration set) or dynamic ones (computed from every input).
 
 Scales are laid out so that they broadcast against the tensor after ``grouped`` reshaping:
-weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); activations (..., in) -> per token (..., 1),
+weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); per column group (out·in/g, 1); activations (..., in) -> per token (..., 1),
 per group (..., in/g, 1), per sample (batch, 1); per tensor: a scalar.
 """
 
@@ -29,6 +29,14 @@ def grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
     if spec.granularity == "token":
         return x
+    if spec.granularity == "column_group":
+        if not is_weight:
+            raise ValueError("granularity 'column_group' is for weights; use 'group' for activations")
+        w = x.reshape(x.shape[0], -1)
+        if w.shape[0] % spec.group_size:
+            raise ValueError(f"column group size {spec.group_size} does not divide the {w.shape[0]} output channels")
+        # Row-major (g, O·I/g): column j holds W[r + k·O/g, c] for k < g; transposed so the last dim is the group.
+        return w.reshape(spec.group_size, -1).t()
     if spec.granularity == "sample":
         if is_weight:
             raise ValueError("granularity 'sample' is for activations; use 'channel' or 'group' for weights")
@@ -40,12 +48,17 @@ def grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
     return base.reshape(*base.shape[:-1], n // spec.group_size, spec.group_size)
 
 
+def ungrouped(g: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
+    """The inverse of ``grouped``: g back in the tensor's own shape."""
+    return (g.t() if spec.granularity == "column_group" else g).reshape(shape)
+
+
 def quantize_tensor(x: torch.Tensor, spec: QuantSpec, is_weight: bool, scale=None, zero_point=None) -> torch.Tensor:
     """Fake-quantize x; with no scale given, the range is x's own min–max (round-to-nearest / dynamic)."""
     g = grouped(x, spec, is_weight)
     if scale is None:
         scale, zero_point = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
-    return fake_quantize(g, scale, zero_point, spec).reshape(x.shape)
+    return ungrouped(fake_quantize(g, scale, zero_point, spec), x.shape, spec)
 
 
 class UniformQuantizer(nn.Module):

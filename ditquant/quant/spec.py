@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-Granularity = Literal["tensor", "channel", "group", "token", "sample"]
-GRANULARITIES = ("tensor", "channel", "group", "token", "sample")
+Granularity = Literal["tensor", "channel", "group", "column_group", "token", "sample"]
+GRANULARITIES = ("tensor", "channel", "group", "column_group", "token", "sample")
+GROUPED = ("group", "column_group")  # the granularities that take a group_size
 INITS = ("minmax", "percentile", "mse")
 
 
@@ -20,7 +21,10 @@ class QuantSpec:
         granularity: one scale per ``tensor``, per output ``channel`` (weights), per ``group`` of ``group_size``
             contiguous input channels, per ``token`` or per ``sample`` (activations, dynamic only: one range per row
             of the batch, so a sample's result does not depend on what else is in the batch).
-        group_size: channels per group when granularity is ``group``.
+            ``column_group`` (weights only; the DiTAS official code's layout, offered as an option): ``group_size``
+            elements of one input column, from output rows r, r + O/g, r + 2·O/g, … (O = out_features), i.e. the
+            weight reshaped row-major to (g, O·I/g) and reduced over its first dim.
+        group_size: channels per group (``group``) or elements per column group (``column_group``).
         dynamic: scales computed from each input at run time (no calibrated parameters).
         init: how a static range is initialised: ``minmax``; ``percentile`` (the (1−p, p) quantiles); ``mse``
             (BRECQ / Q-Diffusion's clipping search minimising the L_p error). See ``ditquant.quant.observers``.
@@ -42,8 +46,9 @@ class QuantSpec:
             raise ValueError(f"bits must be between 2 and 8 (or 16 = off), got {self.bits}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if (self.granularity == "group") != (self.group_size is not None):
-            raise ValueError("group_size is required with granularity 'group' and only allowed with it "
+        if (self.granularity in GROUPED) != (self.group_size is not None):
+            raise ValueError(f"group_size is required with granularity {' or '.join(map(repr, GROUPED))} and only "
+                             "allowed with them "
                              f"(granularity={self.granularity!r}, group_size={self.group_size})")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
@@ -74,6 +79,6 @@ class QuantSpec:
     def describe(self) -> str:
         if not self.enabled:
             return "fp"
-        gran = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        gran = f"{self.granularity}{self.group_size}" if self.granularity in GROUPED else self.granularity
         kind = "dyn" if self.dynamic else f"static {self.init}"
         return f"{'s' if self.symmetric else 'a'}{self.bits} {gran} {kind}"
