@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from ditquant.calibration.datamodule import CalibrationData
 from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
 from ditquant.io import atomic_write
+from ditquant.methods.callbacks import Preprocessing
 from ditquant.task import DiTQuantization
 
 
@@ -40,6 +41,13 @@ class DitQuantCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def before_fit(self) -> None:
+        # Pre-processing options that cannot fit this model fail now, not after the calibration set is recorded.
+        self.model.configure_model()
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, Preprocessing):
+                cb.check(self.model)
 
     def after_test(self) -> None:
         # The full resolved configuration beside the metrics it produced.

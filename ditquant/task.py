@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -27,8 +28,9 @@ from ditquant.integer.export import load_integer as load_integer_model
 from ditquant.methods.callbacks import Preprocessing
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit
-from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
-from ditquant.quant.artifact import load_quantized, save_quantized
+from ditquant.quant.apply import (apply_group_sizes, quantization_table, quantize_model, uncalibrated_layers,
+                                  weight_sqnr_db)
+from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
 from ditquant.reconstruction.config import ReconstructionConfig
@@ -95,6 +97,8 @@ class DiTQuantization(L.LightningModule):
         if self.load_integer is not None:  # the exported model samples; the transformer stays FP, as the reference
             self._set_integer_transformer(load_integer_model(self.load_integer, self.quant, self.dit_config))
         elif self.quant is not None:
+            if self.load_quantized is not None and not self.quant.layer_group_sizes:  # a searched layout
+                self.quant = replace(self.quant, layer_group_sizes=saved_layer_group_sizes(self.load_quantized))
             quantize_model(self.transformer, self.quant)
             if self.load_quantized is not None:
                 load_quantized(self.transformer, self.load_quantized, self.dit_source, self.quant)
@@ -177,13 +181,27 @@ class DiTQuantization(L.LightningModule):
                 self._resume_state = None
         return self.reconstructor
 
+    def set_layer_group_sizes(self, sizes: dict[str, int]) -> None:
+        """Adopt per-layer group sizes (a granularity search's result): the config and the model's quantizers."""
+        self.quant = replace(self.quant, layer_group_sizes=dict(sizes))
+        apply_group_sizes(self.transformer, self.quant)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.quant is not None and self.quant.layer_group_sizes:
+            checkpoint["layer_group_sizes"] = dict(self.quant.layer_group_sizes)
         if self.reconstructor is not None:
             checkpoint["reconstruction"] = self.reconstructor.state_dict()
         elif self._resume_state is not None:
             checkpoint["reconstruction"] = self._resume_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Runs before the state is loaded: the quantizers must first have the checkpoint's group sizes.
+        saved = checkpoint.get("layer_group_sizes") or {}
+        if self.quant is not None and saved != self.quant.layer_group_sizes:
+            if self.quant.layer_group_sizes:
+                raise ValueError("model.quant.layer_group_sizes differ from the ones the checkpoint was made with; "
+                                 "drop them from the config (the checkpoint knows its own) or start a new fit")
+            self.set_layer_group_sizes(saved)
         self._resume_state = checkpoint.get("reconstruction")
 
     def on_train_end(self) -> None:

@@ -48,6 +48,13 @@ class EvaluationConfig:
             raise ValueError(f"evaluation.fid_features must be one of {FEATURES}, got {self.fid_features!r}")
 
 
+def feature_kind(kind: str, source) -> str:
+    """Resolve ``auto``: the domain classifier for the bundled model, Inception otherwise."""
+    if kind == "auto":
+        return "fashion-mnist" if getattr(source, "source", None) == "bundled" else "inception"
+    return kind
+
+
 def seeded_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, stream: int) -> torch.Tensor:
     """Noise for each sample index from its own generator (stream 0: initial noise; 1: step noise)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
@@ -110,10 +117,7 @@ class SampleEvaluator:
             return None
 
     def _feature_kind(self) -> str:
-        kind = self.config.fid_features
-        if kind == "auto":
-            kind = "fashion-mnist" if getattr(self.source, "source", None) == "bundled" else "inception"
-        return kind
+        return feature_kind(self.config.fid_features, self.source)
 
     def _make_inception_score(self):
         """Inception Score alongside Inception FID (ImageNet models); not meaningful for the bundled domain."""

@@ -36,7 +36,8 @@ def quant_config_from_dict(d: dict) -> QuantConfig:
     return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=list(d["roles"]),
                        overrides=[LayerOverride(roles=list(o["roles"]), weight=spec(o.get("weight")),
                                                 activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
-                       attention=spec(d.get("attention")))
+                       attention=spec(d.get("attention")),
+                       layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()})
 
 
 def _layout(model: nn.Module) -> dict:

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
+from ditquant.diffusion.samplers import SamplerConfig
+from ditquant.evaluation.sample_fid import SampleSetFID
+from ditquant.io import atomic_write
 from ditquant.methods.balancing import balance_model
+from ditquant.methods.gptq import check_options, quantize_model_gptq
+from ditquant.methods.granularity import (SEARCH_SPACE, EvolutionarySearch, EvolutionSettings, cost,
+                                          layer_group_sizes, search_genes)
 from ditquant.methods.smoothing import ALPHA_GRID, check_alphas, smooth_model
 from ditquant.models.layout import BLOCK_LINEAR_ROLES, ROLES, role_of
+from ditquant.quant.apply import apply_group_sizes
 from ditquant.quant.lora import check_rank
 from ditquant.quant.modules import quant_disabled, quant_layers
 from ditquant.quant.quantizer import quantize_tensor
@@ -36,20 +46,30 @@ class Preprocessing(L.Callback):
     def __init__(self):
         self.done = False
         self.report: dict = {}
+        self._restored = False  # this callback's state came from the checkpoint being resumed
 
     def apply(self, model: nn.Module, calibration: Dataset) -> dict:
         raise NotImplementedError
 
+    def check(self, pl_module: L.LightningModule) -> None:
+        """Refuse bad options for this model before any work (``ditquant fit`` calls it before recording the
+        calibration set); the quantized model is built."""
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """The step itself; by default ``apply`` on the FP model (every quantizer bypassed)."""
+        with quant_disabled(pl_module.transformer):
+            return self.apply(pl_module.transformer, trainer.datamodule.calibration)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.done:
             return
-        if trainer.ckpt_path is not None:
+        if trainer.ckpt_path is not None and not self._restored:
             raise ValueError(f"{type(self).__name__}: the checkpoint being resumed ({trainer.ckpt_path}) was made "
                              "without it; start a new fit to apply it")
+        self.check(pl_module)
         started = time.perf_counter()
-        with quant_disabled(pl_module.transformer):
-            self.report = self.apply(pl_module.transformer, trainer.datamodule.calibration)
-        self.report["seconds"] = time.perf_counter() - started
+        self.report = self.run(trainer, pl_module)
+        self.report["seconds"] = self.report.get("seconds", 0.0) + time.perf_counter() - started
         self.done = True
         log.info("%s done in %.1f s", self.name, self.report["seconds"])
 
@@ -58,6 +78,7 @@ class Preprocessing(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.done, self.report = state_dict["done"], state_dict["report"]
+        self._restored = True
 
 
 class SalienceBalancing(Preprocessing):
@@ -153,3 +174,161 @@ class LowRankCompensation(Preprocessing):
             report["rtn_error"][name] = (w - quantize_tensor(w, layer.weight_quantizer.spec, True)).norm().item()
             report["error"][name] = min(layer.compensate_low_rank(self.rank, self.iterations))
         return report
+
+
+class GranularitySearch(Preprocessing):
+    """Q-DiT's evolutionary search of per-layer group sizes (see ``ditquant.methods.granularity``).
+
+    Candidates are scored with round-to-nearest weights and the configured (dynamic) activation quantizers, by the
+    FID of a fixed seeded sample set (``ditquant.evaluation.sample_fid``). The best group sizes are applied to the
+    model (and its QuantConfig, so checkpoints and ``quantized/`` record them) and written to ``output``, a config
+    overlay a later fit loads with ``--config`` (the search is then skipped). After every generation the fit's
+    ``last.ckpt`` is saved, so ``--ckpt_path last`` resumes the search at the generation it stopped in.
+
+    Args:
+        space: the group sizes searched (Q-DiT: 32, 64, 128, 192, 288), per layer those dividing its input width.
+        budget_group_size: the constraint's budget is the cost of this size everywhere (Q-DiT: 128).
+        constraint: ``scales`` (Σ out·in/g: each layer weighed by its size) or ``mean_group_size`` (Q-DiT's code).
+        population, top_k, mutations, crossovers, mutation_prob, generations: the evolution (Q-DiT: 50, 10, 25,
+            25, 0.1, 20); generation 0 is the initial population.
+        num_samples, batch_size: the fitness sample set (Q-DiT: 800 images) and its sampling batch.
+        sampler: the fitness sampler; null = the model's (Q-DiT searches with DDIM 50 without guidance:
+            ``{kind: ddim, num_steps: 50, cfg_scale: 1.0}``).
+        reference: FID against the FP model's samples of the same seeds (``fp``) or the real data (``data``, the
+            paper's choice; shipped statistics exist for the bundled domain only).
+        features: the FID feature extractor (``auto``: the model's domain).
+        seed: seeds the sample set and the evolution.
+        output: the result YAML (default ``<default_root_dir>/group_sizes.yaml``).
+    """
+
+    name = "granularity_search"
+
+    def __init__(self, space: list[int] = list(SEARCH_SPACE), budget_group_size: int = 128,
+                 constraint: Literal["scales", "mean_group_size"] = "scales", population: int = 50, top_k: int = 10,
+                 mutations: int = 25, crossovers: int = 25, mutation_prob: float = 0.1, generations: int = 20,
+                 num_samples: int = 800, batch_size: int = 64, sampler: Optional[SamplerConfig] = None,
+                 reference: Literal["fp", "data"] = "fp", features: str = "auto", seed: int = 0,
+                 output: Optional[str] = None):
+        super().__init__()
+        if not space or any(not isinstance(g, int) or g < 1 for g in space):
+            raise ValueError(f"GranularitySearch.space must be a non-empty list of positive sizes, got {space}")
+        if budget_group_size < 1 or num_samples < 2 or batch_size < 1:
+            raise ValueError("GranularitySearch: budget_group_size and batch_size must be >= 1 and num_samples >= 2")
+        if reference not in ("fp", "data"):
+            raise ValueError(f"GranularitySearch.reference must be 'fp' or 'data', got {reference!r}")
+        self.settings = EvolutionSettings(population, top_k, mutations, crossovers, mutation_prob, generations, seed)
+        self.space, self.budget_group_size, self.constraint = tuple(space), budget_group_size, constraint
+        self.num_samples, self.batch_size, self.sampler = num_samples, batch_size, sampler
+        self.reference, self.features, self.seed, self.output = reference, features, seed, output
+        self._search: Optional[EvolutionarySearch] = None
+        self._resume: Optional[dict] = None
+
+    def _new_search(self, pl_module) -> Optional[EvolutionarySearch]:
+        """The search over the model's group-wise layers (None: group sizes given); raises on bad input."""
+        if pl_module.quant is None or pl_module.quant.layer_group_sizes:
+            return None
+        genes = search_genes(pl_module.transformer, self.space)
+        layers = {name for gene in genes for name in gene.layers}
+        if any(q.input_quantizer.enabled and not q.input_quantizer.spec.dynamic
+               for q in quant_layers(pl_module.transformer) if q.name in layers):
+            raise ValueError("GranularitySearch scores candidates without calibration: the group-wise layers need "
+                             "dynamic activation quantization (model.quant.activation.dynamic: true)")
+        return EvolutionarySearch(genes, self.settings, self.budget_group_size, self.constraint)
+
+    def check(self, pl_module) -> None:
+        self._new_search(pl_module)
+
+    def run(self, trainer, pl_module) -> dict:
+        model, quant = pl_module.transformer, pl_module.quant
+        search = self._new_search(pl_module)
+        if search is None:
+            log.info("granularity search skipped: model.quant.layer_group_sizes is given")
+            return {"skipped": "model.quant.layer_group_sizes is given"}
+        genes = search.genes
+        previous_seconds = 0.0
+        if self._resume is not None:
+            search.load_state_dict(self._resume["search"])
+            previous_seconds = self._resume["seconds"]
+        self._search, started = search, time.perf_counter()
+        fid = SampleSetFID(pl_module.dit_config, pl_module.dit_source, self.sampler or pl_module.sampler,
+                           self.num_samples, self.batch_size, self.seed, self.reference,
+                           pl_module.evaluation.fid_features if self.features == "auto" else self.features,
+                           pl_module.vae, pl_module.latent_scale)
+
+        def score(genome) -> float:
+            apply_group_sizes(model, replace(quant, layer_group_sizes=layer_group_sizes(genome, genes)))
+            return fid(model)
+
+        while not search.finished:
+            search.step(score)
+            apply_group_sizes(model, quant)  # the configured sizes again: a checkpoint's model matches the config
+            self._resume = {"search": search.state_dict(),
+                            "seconds": previous_seconds + time.perf_counter() - started}
+            log.info("granularity search: generation %d, best FID %.3f", search.generation - 1,
+                     search.scores[search.best])
+            if search.finished:
+                break
+            self._save_checkpoint(trainer)
+        sizes = layer_group_sizes(search.best, genes)
+        pl_module.set_layer_group_sizes(sizes)
+        out = Path(self.output or Path(trainer.default_root_dir) / "group_sizes.yaml")
+        report = {"best_fid": search.scores[search.best], "evaluated": len(search.scores),
+                  "generations": search.generation, "constraint": self.constraint,
+                  "cost": cost(search.best, genes, self.constraint), "budget": search.budget,
+                  "gene_sizes": {gene.key: g for gene, g in zip(genes, search.best)}, "history": search.history,
+                  "output": str(out), "seconds": previous_seconds}
+        self._write_result(out, sizes, report)
+        return report
+
+    def _write_result(self, path: Path, sizes: dict[str, int], report: dict) -> None:
+        header = (f"# Q-DiT granularity search result (ditquant GranularitySearch): best fitness FID "
+                  f"{report['best_fid']:.4f} over {report['evaluated']} candidates in {report['generations']} "
+                  f"generations;\n# constraint {report['constraint']}: cost {report['cost']:.6g} <= budget "
+                  f"{report['budget']:.6g} (group size {self.budget_group_size} everywhere). Load it with\n"
+                  "#   ditquant fit --config <method config> --config <this file>\n")
+        with atomic_write(path) as tmp:
+            tmp.write_text(header + yaml.safe_dump({"model": {"quant": {"layer_group_sizes": sizes}}},
+                                                   sort_keys=False))
+
+    @staticmethod
+    def _save_checkpoint(trainer) -> None:
+        cb = trainer.checkpoint_callback
+        if cb is not None and getattr(cb, "dirpath", None):
+            trainer.save_checkpoint(cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST), weights_only=False)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "resume": self._resume}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._resume = state_dict.get("resume")
+
+
+class GPTQ(Preprocessing):
+    """GPTQ weights (Q-DiT): per Linear, column-by-column quantization with Hessian-weighted error feedback, each
+    layer with its own group size (see ``ditquant.methods.gptq``). List it after a granularity search; it fixes
+    the weights, so it replaces round-to-nearest, and excludes ``model.reconstruction`` (AdaRound), the
+    alternative weight method.
+
+    Args:
+        blocksize: columns per lazy update (128).
+        damping: added to H's diagonal, as a fraction of its mean (0.01).
+
+    The Hessians are accumulated over the calibration set in batches of ``data.batch_size``.
+    """
+
+    name = "gptq"
+
+    def __init__(self, blocksize: int = 128, damping: float = 0.01):
+        super().__init__()
+        check_options(blocksize, damping)
+        self.blocksize, self.damping = blocksize, damping
+
+    def check(self, pl_module) -> None:
+        if pl_module.reconstruction is not None:
+            raise ValueError("GPTQ and model.reconstruction (AdaRound) both set the weights: use one (set "
+                             "model.reconstruction: null, or drop the GPTQ callback)")
+
+    def run(self, trainer, pl_module) -> dict:
+        return quantize_model_gptq(pl_module.transformer, trainer.datamodule.calibration_loader(), self.blocksize,
+                                   self.damping)

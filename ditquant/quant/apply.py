@@ -17,8 +17,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = T
     ``init_weights`` is false: a skeleton whose state is loaded afterwards)."""
     if any(True for _ in quant_layers(model)):
         raise ValueError("model is already quantized")
-    for name, layer in layers_by_role(model, config.roles).items():
-        weight_spec, input_spec = config.specs_for(role_of(name))
+    layers = layers_by_role(model, config.roles)
+    check_layer_group_sizes(config, layers)
+    for name, layer in layers.items():
+        weight_spec, input_spec = config.specs_for(role_of(name), name)
         try:
             wrapped = QuantLayer(layer, weight_spec, input_spec, name=name)
         except ValueError as e:
@@ -30,6 +32,35 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = T
     if config.attention is not None and config.attention.enabled:
         quantize_attention(model, config.attention)
     return model
+
+
+def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module]) -> None:
+    """Every per-layer group size names a quantized layer with a group-wise spec."""
+    unknown = sorted(set(config.layer_group_sizes) - set(layers))
+    if unknown:
+        raise ValueError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
+                         f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {config.roles})")
+    for name in config.layer_group_sizes:
+        if all(s.granularity != "group" for s in config.specs_for(role_of(name))):
+            raise ValueError(f"quant.layer_group_sizes: {name} has neither a group-wise weight nor a group-wise "
+                             "input spec (granularity 'group'), so a group size means nothing for it")
+
+
+@torch.no_grad()
+def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Give the QuantLayers of ``model`` the group sizes of ``config`` (the same config otherwise): layers whose
+    specs change get fresh quantizers, weights round-to-nearest. Returns the names of the changed layers."""
+    changed = []
+    for q in quant_layers(model):
+        weight_spec, input_spec = config.specs_for(role_of(q.name), q.name)
+        if (weight_spec, input_spec) == (q.weight_quantizer.spec, q.input_quantizer.spec):
+            continue
+        if q.frozen_weight:
+            raise ValueError(f"{q.name}: its weight is already fixed (codes or low-rank branch); group sizes must "
+                             "be chosen before GPTQ, LoRA or reconstruction")
+        q.set_specs(weight_spec, input_spec)
+        changed.append(q.name)
+    return changed
 
 
 def quantization_table(model: nn.Module) -> Table:

@@ -36,6 +36,15 @@ def save_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
     return folder
 
 
+def saved_layer_group_sizes(folder: str | Path) -> dict[str, int]:
+    """The per-layer group sizes (a granularity search's result) a saved model was made with; {} if none."""
+    meta_path = Path(folder) / META
+    if not meta_path.is_file():
+        return {}  # load_quantized reports the missing file
+    quant = (yaml.safe_load(meta_path.read_text()) or {}).get("quant") or {}
+    return {k: int(v) for k, v in (quant.get("layer_group_sizes") or {}).items()}
+
+
 def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> None:
     """Load a saved state into ``model`` (already quantized with ``quant``); refuse a mismatching file."""
     folder = Path(folder)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ditquant.models.layout import ROLES
@@ -38,6 +38,9 @@ class QuantConfig:
         overrides: per-role exceptions, applied in order.
         attention: spec of the attention matmul operands (Q, K, softmax probabilities, V), per tensor; null keeps
             the matmuls in floating point (Q-DiT, DiTAS). PTQ4DiT quantizes them at the activation bit width.
+        layer_group_sizes: per-layer group size (layer name -> g) replacing ``group_size`` in that layer's weight
+            and input specs where they are group-wise (Q-DiT: a layer and its input share g). Written by the
+            granularity search (``ditquant.methods.callbacks.GranularitySearch``) as a config a later fit loads.
     """
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="channel"))
@@ -45,6 +48,7 @@ class QuantConfig:
     roles: list[str] = field(default_factory=lambda: list(ALL_ROLES))
     overrides: list[LayerOverride] = field(default_factory=list)
     attention: Optional[QuantSpec] = None
+    layer_group_sizes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         for where, roles in [("quant.roles", self.roles)] + [("quant.overrides.roles", o.roles) for o in self.overrides]:
@@ -58,12 +62,21 @@ class QuantConfig:
             raise ValueError(f"quant.activation.granularity {self.activation.granularity!r} is for weights; use "
                              "'tensor', 'token', 'sample' or 'group'")
 
-    def specs_for(self, role: str) -> tuple[QuantSpec, QuantSpec]:
+        bad = {name: g for name, g in self.layer_group_sizes.items() if not isinstance(g, int) or g < 1}
+        if bad:
+            raise ValueError(f"quant.layer_group_sizes: group sizes must be positive integers, got {bad}")
+
+    def specs_for(self, role: str, name: str = "") -> tuple[QuantSpec, QuantSpec]:
+        """The weight and input specs of the layer ``name`` of ``role`` (overrides, then per-layer group sizes)."""
         weight, activation = self.weight, self.activation
         for o in self.overrides:
             if role in o.roles:
                 weight = o.weight or weight
                 activation = o.activation or activation
+        g = self.layer_group_sizes.get(name)
+        if g is not None:
+            weight, activation = (replace(s, group_size=g) if s.granularity == "group" else s
+                                  for s in (weight, activation))
         return weight, activation
 
     def label(self) -> str:

@@ -46,14 +46,25 @@ class QuantLayer(nn.Module):
             raise ValueError(f"{name}: convolution inputs support only per-tensor activation quantization")
         self.name = name
         self.layer = layer
-        self.weight_quantizer = UniformQuantizer(weight_spec, True, _scale_shape(weight_spec, layer.weight, True))
-        self.input_quantizer = UniformQuantizer(input_spec, False, _scale_shape(input_spec, layer.weight, False))
+        self._make_quantizers(weight_spec, input_spec)
         self.adaround: Optional[AdaRoundWeight] = None
         self.register_buffer("weight_codes", None)
         self.register_buffer("lora_left", None)
         self.register_buffer("lora_right", None)
         self.register_buffer("input_divisor", None)  # per-channel x / s at run time (smoothing with nowhere to fold)
         self._inference_weight: Optional[tuple[tuple, torch.Tensor]] = None
+
+    def _make_quantizers(self, weight_spec: QuantSpec, input_spec: QuantSpec) -> None:
+        w = self.layer.weight
+        self.weight_quantizer = UniformQuantizer(weight_spec, True, _scale_shape(weight_spec, w, True)).to(w.device)
+        self.input_quantizer = UniformQuantizer(input_spec, False, _scale_shape(input_spec, w, False)).to(w.device)
+
+    @torch.no_grad()
+    def set_specs(self, weight_spec: QuantSpec, input_spec: QuantSpec) -> None:
+        """New quantizers (e.g. another group size), weights round-to-nearest; input ranges need observing again."""
+        self._make_quantizers(weight_spec, input_spec)
+        self._inference_weight = None
+        self.init_weight_quantizer()
 
     @torch.no_grad()
     def init_weight_quantizer(self) -> None:
@@ -75,10 +86,10 @@ class QuantLayer(nn.Module):
     @torch.no_grad()
     def finish_adaround(self) -> None:
         """Harden the learned rounding into integer codes and drop the soft variables."""
-        self._store_codes(self.adaround.hard_codes())
+        self.store_codes(self.adaround.hard_codes())
         self.adaround = None
 
-    def _store_codes(self, codes: torch.Tensor) -> None:
+    def store_codes(self, codes: torch.Tensor) -> None:
         self.weight_codes = codes.to(torch.int8 if self.weight_quantizer.spec.symmetric else torch.uint8)
 
     @property
@@ -100,7 +111,7 @@ class QuantLayer(nn.Module):
 
         result = low_rank_quantize(self.layer.weight, quantize, rank, iterations)
         q.init_from(result.quantized_input)
-        self._store_codes(integer_codes(grouped(result.quantized_input, q.spec, True), q.scale, q.zero_point, q.spec))
+        self.store_codes(integer_codes(grouped(result.quantized_input, q.spec, True), q.scale, q.zero_point, q.spec))
         self.lora_left, self.lora_right = result.left, result.right
         return result.errors
 

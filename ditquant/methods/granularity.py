@@ -1,0 +1,223 @@
+"""Q-DiT's automatic granularity search: an evolutionary search over per-layer group sizes.
+
+Genome: one group size per quantized input (a gene), for the group-wise layers of the model in forward order; q/k/v
+read one input and share one gene (Q-DiT's fused qkv), every other layer has its own. A gene takes sizes from the
+search space that divide its input width (an error names any layer none divides).
+
+Constraint, with a budget equal to the cost of one reference group size everywhere (Q-DiT: 128):
+
+- ``scales`` (default): Σ_layers out·in/g, the number of weight groups. It weighs each layer by its size: a
+  group-wise GEMM rescales every group's partial sum per token (bit-operations) and stores one scale and zero
+  point per group (memory), and both grow as out·in/g.
+- ``mean_group_size``: the official code's proxy, mean(g) ≥ reference, which counts fc1/fc2 (4× larger in DiT) the
+  same as q/k/v.
+
+Evolution (Q-DiT / OFA): a population of ``population``; each generation keeps the ``top_k`` best of the previous
+top-k merged with the new candidates (the merge the official code lost, so the best is never dropped), then breeds
+``mutations`` children (a random top-k parent, every gene resampled with probability ``mutation_prob``) and
+``crossovers`` children (two random top-k parents, each gene from either), all legal and unseen (at most 10× the
+quota in attempts each), and fills up with random legal candidates. Randomness is seeded per generation, and the
+state (population, scores, top-k) is plain data, so a search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from torch import nn
+
+from ditquant.quant.modules import quant_layers
+
+SEARCH_SPACE = (32, 64, 128, 192, 288)
+CONSTRAINTS = ("scales", "mean_group_size")
+Genome = tuple[int, ...]
+
+
+def gene_key(layer_name: str) -> str:
+    """Layers reading the same input share a gene: q/k/v -> one key."""
+    for proj in ("to_q", "to_k", "to_v"):
+        if layer_name.endswith(f"attn1.{proj}"):
+            return layer_name[: -len(proj)] + "to_qkv"
+    return layer_name
+
+
+@dataclass(frozen=True)
+class Gene:
+    key: str
+    layers: tuple[str, ...]
+    sizes: tuple[int, ...]   # allowed group sizes, ascending
+    weight_elements: int     # Σ out·in over the gene's layers
+
+
+def search_genes(model: nn.Module, space: tuple[int, ...] = SEARCH_SPACE) -> list[Gene]:
+    """The genes of ``model``'s group-wise QuantLayers; raises if a layer has no size of ``space`` dividing it."""
+    grouped: dict[str, list] = {}
+    for q in quant_layers(model):
+        if "group" in (q.weight_quantizer.spec.granularity, q.input_quantizer.spec.granularity):
+            grouped.setdefault(gene_key(q.name), []).append(q)
+    if not grouped:
+        raise ValueError("granularity search: no quantized layer is group-wise; set model.quant.weight (and "
+                         "activation) granularity: group")
+    genes = []
+    for key, layers in grouped.items():
+        width = layers[0].layer.weight[0].numel()
+        sizes = tuple(sorted(g for g in set(space) if width % g == 0))
+        if not sizes:
+            raise ValueError(f"granularity search: no size of the search space {sorted(space)} divides the "
+                             f"{width} input channels of {layers[0].name}")
+        genes.append(Gene(key, tuple(q.name for q in layers), sizes,
+                          sum(q.layer.weight.numel() for q in layers)))
+    return genes
+
+
+def cost(genome: Genome, genes: list[Gene], constraint: str) -> float:
+    """Lower is cheaper: weight groups (``scales``) or −mean(g) (``mean_group_size``)."""
+    if constraint == "scales":
+        return float(sum(gene.weight_elements / g for gene, g in zip(genes, genome)))
+    return -sum(genome) / len(genome)
+
+
+def budget(genes: list[Gene], reference: int, constraint: str) -> float:
+    """The cost of ``reference`` as every layer's group size."""
+    return cost((reference,) * len(genes), genes, constraint)
+
+
+def check_feasible(genes: list[Gene], reference: int, constraint: str) -> None:
+    if constraint not in CONSTRAINTS:
+        raise ValueError(f"granularity search: constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+    coarsest = tuple(gene.sizes[-1] for gene in genes)
+    if cost(coarsest, genes, constraint) > budget(genes, reference, constraint) * (1 + 1e-9):
+        raise ValueError(f"granularity search: the constraint cannot be met: even the coarsest allowed groups "
+                         f"({constraint} cost {cost(coarsest, genes, constraint):.4g}) exceed the budget of group "
+                         f"size {reference} everywhere ({budget(genes, reference, constraint):.4g}); raise "
+                         "budget_group_size or add larger sizes to the search space")
+
+
+def layer_group_sizes(genome: Genome, genes: list[Gene]) -> dict[str, int]:
+    """Layer name -> group size, the form of ``QuantConfig.layer_group_sizes``."""
+    return {name: g for gene, g in zip(genes, genome) for name in gene.layers}
+
+
+@dataclass(frozen=True)
+class EvolutionSettings:
+    population: int = 50
+    top_k: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    generations: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.population < 2 or not 1 <= self.top_k <= self.population:
+            raise ValueError(f"granularity search needs population >= 2 and 1 <= top_k <= population, got "
+                             f"population={self.population}, top_k={self.top_k}")
+        if self.mutations < 0 or self.crossovers < 0 or self.mutations + self.crossovers > self.population:
+            raise ValueError(f"granularity search: mutations + crossovers ({self.mutations} + {self.crossovers}) must "
+                             f"be non-negative and at most the population ({self.population})")
+        if not 0 <= self.mutation_prob <= 1:
+            raise ValueError(f"granularity search: mutation_prob must be in [0, 1], got {self.mutation_prob}")
+        if self.generations < 0:
+            raise ValueError(f"granularity search: generations must be >= 0, got {self.generations}")
+
+
+class EvolutionarySearch:
+    """The search's state and operators; ``step(score)`` runs one generation (0: the initial population)."""
+
+    def __init__(self, genes: list[Gene], settings: EvolutionSettings, reference: int,
+                 constraint: Literal["scales", "mean_group_size"] = "scales"):
+        check_feasible(genes, reference, constraint)
+        self.genes, self.settings, self.reference, self.constraint = genes, settings, reference, constraint
+        self.budget = budget(genes, reference, constraint)
+        self.generation = 0
+        self.population: list[Genome] = []
+        self.scores: dict[Genome, float] = {}
+        self.top: list[Genome] = []
+        self.history: list[dict] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.generation > self.settings.generations
+
+    @property
+    def best(self) -> Genome:
+        return self.top[0]
+
+    def legal(self, genome: Genome) -> bool:
+        return cost(genome, self.genes, self.constraint) <= self.budget * (1 + 1e-9)
+
+    def _random(self, rng: random.Random) -> Genome:
+        return tuple(rng.choice(gene.sizes) for gene in self.genes)
+
+    def _preset(self) -> Genome:
+        """The reference size where a gene allows it, else its largest allowed size below it (or the smallest)."""
+        return tuple(max([g for g in gene.sizes if g <= self.reference] or [gene.sizes[0]]) for gene in self.genes)
+
+    def _breed(self, rng: random.Random) -> list[Genome]:
+        s, seen = self.settings, set(self.scores)
+        children: list[Genome] = []
+
+        def add(make: Callable[[], Genome], quota: int) -> None:
+            made = 0
+            for _ in range(10 * quota):
+                if made == quota:
+                    break
+                child = make()
+                if child not in seen and self.legal(child):
+                    seen.add(child)
+                    children.append(child)
+                    made += 1
+
+        def mutate() -> Genome:
+            parent = rng.choice(self.top)
+            return tuple(rng.choice(gene.sizes) if rng.random() < s.mutation_prob else g
+                         for gene, g in zip(self.genes, parent))
+
+        def cross() -> Genome:
+            a, b = rng.choice(self.top), rng.choice(self.top)
+            return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b))
+
+        if self.top:
+            add(mutate, s.mutations)
+            add(cross, s.crossovers)
+        else:
+            preset = self._preset()
+            if self.legal(preset):
+                seen.add(preset)
+                children.append(preset)
+        add(lambda: self._random(rng), s.population - len(children))
+        return children
+
+    def step(self, score: Callable[[Genome], float], on_score: Callable[[], None] = lambda: None) -> None:
+        """One generation: breed (unless a resumed population is pending), score the unscored, update the top-k."""
+        if not self.population:
+            self.population = self._breed(random.Random(self.settings.seed * 7919 + self.generation))
+        for genome in self.population:
+            if genome not in self.scores:
+                self.scores[genome] = score(genome)
+                on_score()
+        merged = sorted(set(self.top) | set(self.population), key=lambda g: (self.scores[g], g))
+        self.top = merged[: self.settings.top_k]
+        fitness = [self.scores[g] for g in self.population]
+        self.history.append({"generation": self.generation, "evaluated": len(self.population),
+                             "best": self.scores[self.best], "population_best": min(fitness, default=None),
+                             "population_mean": sum(fitness) / len(fitness) if fitness else None,
+                             "best_cost": cost(self.best, self.genes, self.constraint)})
+        self.population = []
+        self.generation += 1
+
+    def state_dict(self) -> dict:
+        return {"generation": self.generation, "population": [list(g) for g in self.population],
+                "scores": [[list(g), v] for g, v in self.scores.items()], "top": [list(g) for g in self.top],
+                "history": list(self.history), "keys": [gene.key for gene in self.genes]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["keys"] != [gene.key for gene in self.genes]:
+            raise ValueError("granularity search: the checkpoint's search was over other layers; start a new fit")
+        self.generation = state["generation"]
+        self.population = [tuple(g) for g in state["population"]]
+        self.scores = {tuple(g): v for g, v in state["scores"]}
+        self.top = [tuple(g) for g in state["top"]]
+        self.history = list(state["history"])
