@@ -30,12 +30,15 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--reuse", action="store_true", help="keep configs whose metrics.json exists (resume a table)")
+    p.add_argument("--fp", default="configs/fp.yaml",
+                   help="the FP row; e.g. configs/qdit_w4a8.yaml+configs/fp.yaml for the FP model under Q-DiT's "
+                        "sampler (DDIM 50)")
     args = p.parse_args()
 
     rows = []
-    for row in ["configs/fp.yaml", *args.configs]:
+    for i, row in enumerate([args.fp, *args.configs]):
         configs = [Path(c) for c in row.split("+")]
-        name = configs[-1].stem
+        name = "fp" if i == 0 else configs[-1].stem
         root = args.out / name
         common = [*(arg for c in configs for arg in ("--config", str(c))), "--trainer.default_root_dir", str(root),
                   "--data.num_test_samples", str(args.num_samples), "--trainer.enable_progress_bar", "false"]
