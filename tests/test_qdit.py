@@ -177,6 +177,31 @@ trainer:
     assert "skipped" in summary["preprocessing"]["granularity_search"]
     run("test", *small_run("configs/qdit_w4a8.yaml", again, calib, 4, 4, "--config", str(overlay),
                            "--model.load_quantized", str(root / "quantized")))
+    # integer export: group-wise int4 weights and dynamic per-group activations, the searched layout in the folder
+    run("export", str(root))
+    run("test", *args, "--model.load_integer", str(root / "integer"))
+    metrics = json.loads((root / "test" / "metrics.json").read_text())
+    assert metrics["label"] == "W4A8 integer" and metrics["psnr_vs_fp"] > 10
+
+
+@needs_bundled
+def test_adaround_in_place_of_gptq_on_given_group_sizes(tmp_path):
+    root, calib = tmp_path / "run", tmp_path / "calib"
+    sizes = tmp_path / "sizes.yaml"
+    sizes.write_text("model:\n  quant:\n    layer_group_sizes:\n      transformer_blocks.0.ff.net.2: 32\n"
+                     "      transformer_blocks.3.attn1.to_out.0: 128\n")
+    # the overlays come before small_run's options (a later --config would override them)
+    args = ["--config", "configs/qdit_w4a8.yaml", "--config", "configs/ablations/qdit_adaround.yaml", "--config",
+            str(sizes), *small_run("configs/qdit_w4a8.yaml", root, calib, 2, 2, "--model.reconstruction.iterations",
+                                   "4")[2:]]
+    run("fit", *args)
+    summary = json.loads((root / "quantized" / "fit_summary.json").read_text())
+    assert "skipped" in summary["preprocessing"]["granularity_search"] and len(summary["reconstruction"]) == 8
+    saved = yaml.safe_load((root / "quantized" / "quantized.yaml").read_text())["quant"]
+    assert saved["layer_group_sizes"]["transformer_blocks.0.ff.net.2"] == 32
+    with pytest.raises(SystemExit, match="GPTQ and model.reconstruction"):
+        run("fit", *small_run("configs/qdit_w4a8.yaml", tmp_path / "both", calib, 2, 2,
+                              "--model.reconstruction.iterations", "4"))
 
 
 @needs_bundled

@@ -96,6 +96,8 @@ def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
     meta = read_integer_meta(folder)
     saved_quant = quant_config_from_dict(meta["quant"])
     saved_arch = DiTConfig(**meta["architecture"])
+    if quant is not None and not quant.layer_group_sizes:  # a searched layout travels with the folder
+        quant = dataclasses.replace(quant, layer_group_sizes=saved_quant.layer_group_sizes)
     for what, expected, saved in (("quant", quant, saved_quant), ("architecture", architecture, saved_arch)):
         if expected is not None and expected != saved:
             raise ValueError(f"{folder / META}: made for a different {what}\n  file:   {saved}\n  config: {expected}")

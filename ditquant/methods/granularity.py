@@ -16,7 +16,8 @@ Evolution (Q-DiT / OFA): a population of ``population``; each generation keeps t
 top-k merged with the new candidates (the merge the official code lost, so the best is never dropped), then breeds
 ``mutations`` children (a random top-k parent, every gene resampled with probability ``mutation_prob``) and
 ``crossovers`` children (two random top-k parents, each gene from either), all legal and unseen (at most 10× the
-quota in attempts each), and fills up with random legal candidates. Randomness is seeded per generation, and the
+quota in attempts each), and fills up with random legal candidates (up to 1000× attempts: under a tight budget
+most uniformly drawn genomes break it). Randomness is seeded per generation, and the
 state (population, scores, top-k) is plain data, so a search resumes where it stopped.
 """
 
@@ -159,9 +160,9 @@ class EvolutionarySearch:
         s, seen = self.settings, set(self.scores)
         children: list[Genome] = []
 
-        def add(make: Callable[[], Genome], quota: int) -> None:
+        def add(make: Callable[[], Genome], quota: int, attempts: int = 10) -> None:
             made = 0
-            for _ in range(10 * quota):
+            for _ in range(attempts * quota):
                 if made == quota:
                     break
                 child = make()
@@ -187,7 +188,8 @@ class EvolutionarySearch:
             if self.legal(preset):
                 seen.add(preset)
                 children.append(preset)
-        add(lambda: self._random(rng), s.population - len(children))
+        # Under a tight budget most random genomes are illegal; drawing one costs microseconds, so try many.
+        add(lambda: self._random(rng), s.population - len(children), attempts=1000)
         return children
 
     def step(self, score: Callable[[Genome], float], on_score: Callable[[], None] = lambda: None) -> None:
