@@ -7,8 +7,7 @@ import torch
 import yaml
 
 from ditquant.methods.gptq import HessianAccumulator, gptq_quantize
-from ditquant.methods.granularity import (EvolutionarySearch, EvolutionSettings, cost, gene_key, layer_group_sizes,
-                                          search_genes)
+from ditquant.methods.granularity import (EvolutionarySearch, EvolutionSettings, cost, gene_key, search_genes)
 from ditquant.models.bundled import DIT_DIR
 from ditquant.quant.apply import apply_group_sizes, quantize_model
 from ditquant.quant.config import QuantConfig
