@@ -220,8 +220,7 @@ class GranularitySearch(Preprocessing):
         self.space, self.budget_group_size, self.constraint = tuple(space), budget_group_size, constraint
         self.num_samples, self.batch_size, self.sampler = num_samples, batch_size, sampler
         self.reference, self.features, self.seed, self.output = reference, features, seed, output
-        self._search: Optional[EvolutionarySearch] = None
-        self._resume: Optional[dict] = None
+        self._resume: Optional[dict] = None  # the search state after the last finished generation
 
     def _new_search(self, pl_module) -> Optional[EvolutionarySearch]:
         """The search over the model's group-wise layers (None: group sizes given); raises on bad input."""
@@ -249,7 +248,7 @@ class GranularitySearch(Preprocessing):
         if self._resume is not None:
             search.load_state_dict(self._resume["search"])
             previous_seconds = self._resume["seconds"]
-        self._search, started = search, time.perf_counter()
+        started = time.perf_counter()
         fid = SampleSetFID(pl_module.dit_config, pl_module.dit_source, self.sampler or pl_module.sampler,
                            self.num_samples, self.batch_size, self.seed, self.reference,
                            pl_module.evaluation.fid_features if self.features == "auto" else self.features,
