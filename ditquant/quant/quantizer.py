@@ -2,8 +2,8 @@
 calibration set) or dynamic ones (computed from every input).
 
 Scales are laid out so that they broadcast against the tensor after ``grouped`` reshaping:
-weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); per column group (out·in/g, 1); activations (..., in) -> per token (..., 1),
-per group (..., in/g, 1), per sample (batch, 1); per tensor: a scalar.
+weights (out, in) -> per channel (out, 1); per group (out, in/g, 1); per column group (out·in/g, 1);
+activations (..., in) -> per token (..., 1), per group (..., in/g, 1), per sample (batch, 1); per tensor: a scalar.
 """
 
 from __future__ import annotations
