@@ -32,6 +32,20 @@ def plain_argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["ditquant"])
 
 
+def tiny_search_overlay(folder, population: int, num_samples: int, gptq: bool):
+    """A config overlay with a 2-generation search on a few samples (DDIM 5, no guidance), then GPTQ if asked."""
+    overlay = folder / "tiny_search.yaml"
+    overlay.write_text(f"""
+trainer:
+  callbacks:
+    - class_path: ditquant.methods.callbacks.GranularitySearch
+      init_args: {{budget_group_size: 64, population: {population}, top_k: 2, mutations: 1, crossovers: 1,
+                  generations: 2, num_samples: {num_samples}, batch_size: {num_samples},
+                  sampler: {{kind: ddim, num_steps: 5, cfg_scale: 1.0}}}}
+""" + ("    - class_path: ditquant.methods.callbacks.GPTQ\n" if gptq else ""))
+    return overlay
+
+
 # ---- GPTQ ----
 
 def test_gptq_lazy_blocks_are_exact_even_when_groups_straddle_them():
@@ -145,15 +159,7 @@ def test_tiny_search_keeps_the_constraint_and_never_loses_its_best():
 @needs_bundled
 def test_qdit_search_gptq_fit_test_and_resume_from_the_cli(tmp_path):
     root, calib = tmp_path / "run", tmp_path / "calib"
-    overlay = tmp_path / "tiny_search.yaml"
-    overlay.write_text("""
-trainer:
-  callbacks:
-    - class_path: ditquant.methods.callbacks.GranularitySearch
-      init_args: {budget_group_size: 64, population: 4, top_k: 2, mutations: 1, crossovers: 1, generations: 2,
-                  num_samples: 8, batch_size: 8, sampler: {kind: ddim, num_steps: 5, cfg_scale: 1.0}}
-    - class_path: ditquant.methods.callbacks.GPTQ
-""")
+    overlay = tiny_search_overlay(tmp_path, population=4, num_samples=8, gptq=True)
     args = small_run("configs/qdit_w4a8.yaml", root, calib, 4, 4, "--config", str(overlay))
     run("fit", *args)
     summary = json.loads((root / "quantized" / "fit_summary.json").read_text())
@@ -222,14 +228,7 @@ def test_a_killed_search_resumes_at_its_generation(tmp_path, monkeypatch):
     from ditquant.evaluation.sample_fid import SampleSetFID
 
     root, calib = tmp_path / "run", tmp_path / "calib"
-    overlay = tmp_path / "tiny_search.yaml"
-    overlay.write_text("""
-trainer:
-  callbacks:
-    - class_path: ditquant.methods.callbacks.GranularitySearch
-      init_args: {budget_group_size: 64, population: 3, top_k: 2, mutations: 1, crossovers: 1, generations: 2,
-                  num_samples: 4, batch_size: 4, sampler: {kind: ddim, num_steps: 5, cfg_scale: 1.0}}
-""")
+    overlay = tiny_search_overlay(tmp_path, population=3, num_samples=4, gptq=False)
     args = small_run("configs/qdit_w4a8.yaml", root, calib, 2, 2, "--config", str(overlay))
     scored, real_call = [], SampleSetFID.__call__
 

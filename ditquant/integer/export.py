@@ -22,22 +22,11 @@ from ditquant.integer.linear import IntLinear
 from ditquant.io import atomic_write
 from ditquant.models.dit import DiTConfig, build_dit, config_of
 from ditquant.quant.apply import quantize_model
-from ditquant.quant.config import LayerOverride, QuantConfig
+from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import QuantLayer
-from ditquant.quant.spec import QuantSpec
 
 FORMAT = "ditquant-integer/1"
 WEIGHTS, META = "model.safetensors", "integer.yaml"
-
-
-def quant_config_from_dict(d: dict) -> QuantConfig:
-    """The QuantConfig ``dataclasses.asdict`` wrote (as stored in quantized.yaml / integer.yaml)."""
-    spec = lambda s: None if s is None else QuantSpec(**s)  # noqa: E731
-    return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=list(d["roles"]),
-                       overrides=[LayerOverride(roles=list(o["roles"]), weight=spec(o.get("weight")),
-                                                activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
-                       attention=spec(d.get("attention")),
-                       layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()})
 
 
 def _layout(model: nn.Module) -> dict:

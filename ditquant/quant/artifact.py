@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ditquant.io import atomic_write
+from ditquant.quant.config import quant_config_from_dict
 
 FORMAT = "ditquant-quantized/1"
 WEIGHTS, META = "model.safetensors", "quantized.yaml"
@@ -41,8 +42,8 @@ def saved_layer_group_sizes(folder: str | Path) -> dict[str, int]:
     meta_path = Path(folder) / META
     if not meta_path.is_file():
         return {}  # load_quantized reports the missing file
-    quant = (yaml.safe_load(meta_path.read_text()) or {}).get("quant") or {}
-    return {k: int(v) for k, v in (quant.get("layer_group_sizes") or {}).items()}
+    quant = (yaml.safe_load(meta_path.read_text()) or {}).get("quant")
+    return quant_config_from_dict(quant).layer_group_sizes if quant else {}
 
 
 def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> None:

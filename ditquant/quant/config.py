@@ -81,3 +81,13 @@ class QuantConfig:
 
     def label(self) -> str:
         return f"W{self.weight.bits}A{self.activation.bits}"
+
+
+def quant_config_from_dict(d: dict) -> QuantConfig:
+    """The QuantConfig ``dataclasses.asdict`` wrote (as stored in quantized.yaml / integer.yaml)."""
+    spec = lambda s: None if s is None else QuantSpec(**s)  # noqa: E731
+    return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=list(d["roles"]),
+                       overrides=[LayerOverride(roles=list(o["roles"]), weight=spec(o.get("weight")),
+                                                activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
+                       attention=spec(d.get("attention")),
+                       layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()})
