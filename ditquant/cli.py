@@ -2,26 +2,50 @@
 
 Configs compose by repeating ``--config`` (e.g. a model config, then a method config). ``test`` without
 ``--ckpt_path`` uses ``<trainer.default_root_dir>/checkpoints/last.ckpt`` written by ``fit``.
+
+Exit status (README, "Exit codes"): 0 done; 1 bad input (one line, ``ditquant: error: …``) or an internal error
+(with its traceback); 2 a command line the parser rejects; 3 a fit that ended before its last unit (``max_steps``,
+``max_time``: no calibrated model is written); 130 / 143 stopped by SIGINT / SIGTERM at a safe point (a fit saves
+``last.ckpt`` first).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import os
+import re
+import shlex
 import sys
+import typing
 import warnings
 from pathlib import Path
 
+from jsonargparse import Namespace
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ditquant import interrupt
 from ditquant.calibration.datamodule import CalibrationData
-from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
-from ditquant.io import atomic_write
+from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint, ProgressLines
+from ditquant.errors import Interrupted, StoppedEarly, UserError
+from ditquant.io import InputPath, atomic_write, check_writable_dir, resolve_input_path
 from ditquant.methods.callbacks import Preprocessing
 from ditquant.task import DiTQuantization
 
+USER_ERRORS = (UserError, FileNotFoundError, ConnectionError)
+EXIT_INCOMPLETE = 3
 
-USER_ERRORS = (ValueError, FileNotFoundError, ConnectionError)
+# A relative path inside a YAML (model source, VAE, a saved model) is looked up next to that YAML first.
+register_type(InputPath, str, resolve_input_path)
+
+# Third-party chatter that says nothing about this run (shown with --verbose).
+_NOISE = [r".*litlogger.*", r".*tensorboardX.*", r".*LeafSpec.*", r".*configure_optimizers.*returned.*None.*",
+          r"Found \d+ module\(s\) in eval mode.*", r".*does not have many workers.*", r".*num_workers.*",
+          r".*`training_step` returned `None`.*", r".*GPU available but not used.*", r".*ckpt_path.*",
+          r".*dirpath has changed.*", r".*Checkpoint directory .* exists and is not empty.*"]
 
 
 class DitQuantCLI(LightningCLI):
@@ -36,6 +60,27 @@ class DitQuantCLI(LightningCLI):
                              "checkpoint.enable_version_counter": False})
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                               compute_fn=lambda root: str(Path(root) / "checkpoints"))
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: start over in a run folder that already holds a checkpoint (its checkpoint "
+                                 "and calibrated model are replaced)")
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads hyperparameters out of --ckpt_path here, with a raw torch.load; ditquant saves none (the
+        # command's config is the config) and reads checkpoints only through AtomicCheckpointIO, which refuses
+        # pickled objects in one line.
+        return
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("weights_only") is False:
+            raise UserError("--weights_only false is not supported: ditquant loads checkpoints with "
+                            "weights_only=True only (a checkpoint never runs code)")
+        _validate_dataclasses(DiTQuantization.__init__, config.model, "model")
+        _validate_callbacks(config.trainer.get("callbacks"))
+        root = Path(config.trainer.default_root_dir)
+        check_writable_dir(root, "trainer.default_root_dir")
+        if self.subcommand == "fit":
+            check_writable_dir(Path(config.data.cache_dir), "data.cache_dir")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -43,11 +88,40 @@ class DitQuantCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        ckpt = config.get("ckpt_path")
+        if ckpt == "last":
+            if not last.is_file():
+                raise UserError(f"--ckpt_path last: there is no checkpoint to resume at {last} (start the fit "
+                                "without --ckpt_path)")
+            config["ckpt_path"] = str(last)
+        elif ckpt is None and last.is_file():
+            if not config.get("overwrite"):
+                raise UserError(f"{self.trainer.default_root_dir} already holds a fit checkpoint ({last}): resume it "
+                                "with --ckpt_path last, or start over with --overwrite true")
+            self.model.discard_previous_run()
         # Pre-processing options that cannot fit this model fail now, not after the calibration set is recorded.
         self.model.configure_model()
         for cb in self.trainer.callbacks:
             if isinstance(cb, Preprocessing):
                 cb.check(self.model)
+
+    def after_fit(self) -> None:
+        if not self.model.progress()["finished"]:  # limits end the fit in FitCheckpoint; this is the safety net
+            raise StoppedEarly(self.model.progress()["where"])
+
+    def before_test(self) -> None:
+        config = self.config_init[self.subcommand]
+        if (config.get("ckpt_path") is None and self.model.quant is not None and self.model.load_quantized is None
+                and self.model.load_integer is None):
+            last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                raise UserError(f"ditquant test: no checkpoint at {last}; run `ditquant fit` with the same --config "
+                                "first or pass --ckpt_path")
+            config["ckpt_path"] = str(last)
+        elif config.get("ckpt_path") == "last":
+            config["ckpt_path"] = str(Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt")
 
     def after_test(self) -> None:
         # The full resolved configuration beside the metrics it produced.
@@ -56,41 +130,146 @@ class DitQuantCLI(LightningCLI):
             with atomic_write(out) as tmp:
                 tmp.write_text(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_unset=False))
 
-    def before_test(self) -> None:
-        config = self.config_init[self.subcommand]
-        if (config.get("ckpt_path") is None and self.model.quant is not None and self.model.load_quantized is None
-                and self.model.load_integer is None):
-            last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            if not last.is_file():
-                sys.exit(f"ditquant test: no checkpoint at {last}; run `ditquant fit` with the same --config first "
-                         f"or pass --ckpt_path")
-            config["ckpt_path"] = str(last)
+
+def _validate_dataclasses(fn, namespace: Namespace, path: str) -> None:
+    """Build every dataclass-typed argument of ``fn`` from ``namespace`` innermost first, so that a validation
+    error names the full option path (``model.quant.weight.bits: …``) instead of jsonargparse's union dump."""
+    hints = typing.get_type_hints(fn)
+    for name, value in vars(namespace).items():
+        if name in hints:
+            _build(hints[name], value, f"{path}.{name}")
+
+
+def _validate_callbacks(callbacks) -> None:
+    """Build each configured callback once so that its option errors name it, instead of jsonargparse's dump of
+    every subclass it tried (the instances are discarded; LightningCLI builds the real ones)."""
+    for i, cb in enumerate(callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []):
+        if not isinstance(cb, Namespace) or not isinstance(cb.get("class_path"), str):
+            continue
+        module, _, name = cb.class_path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise UserError(f"trainer.callbacks[{i}]: no class {cb.class_path}") from None
+        init_args = cb.get("init_args")
+        kwargs = dict(vars(init_args)) if isinstance(init_args, Namespace) else {}
+        try:
+            _build_call(cls, kwargs, f"trainer.callbacks[{i}] ({name})")
+        except UserError as e:
+            raise UserError(f"trainer.callbacks[{i}] ({name}): {e}") from None
+
+
+def _build_call(cls, kwargs: dict, path: str) -> None:
+    hints = typing.get_type_hints(cls.__init__)
+    cls(**{k: _build(hints[k], v, f"{path}.{k}") if k in hints else v for k, v in kwargs.items()})
+
+
+def _build(hint, value, path: str):
+    """``value`` (a Namespace / list of them / plain value) as ``hint`` requires; UserError names ``path``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        return None if value is None else _build(args[0], value, path)
+    if typing.get_origin(hint) is list and args and isinstance(value, list):
+        return [_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not (dataclasses.is_dataclass(hint) and isinstance(value, (Namespace, dict))):
+        return value
+    hints = typing.get_type_hints(hint)
+    fields = {f.name for f in dataclasses.fields(hint)}
+    kwargs = {k: _build(hints[k], v, f"{path}.{k}") for k, v in dict(vars(value) if isinstance(value, Namespace)
+                                                                       else value).items() if k in fields}
+    try:
+        return hint(**kwargs)
+    except UserError as e:
+        raise UserError(_qualify(path, str(e), hint)) from None
+
+
+def _qualify(path: str, message: str, cls) -> str:
+    """Prefix a dataclass's message with the option path it came from, merging the prefix it may already have."""
+    parent, _, last = path.rpartition(".")
+    for prefix in (f"{last}.", f"{cls.__name__}."):
+        if message.startswith(prefix):
+            return f"{path}.{message[len(prefix):]}"
+    field = re.match(r"(\w+)[:\s]", message)
+    if field and field.group(1) in {f.name for f in dataclasses.fields(cls)}:
+        return f"{path}.{message}"
+    return f"{path}: {message}"
+
+
+def _resume_command() -> str:
+    args = list(_argv)
+    if "--overwrite" in args:  # resuming must not start over
+        i = args.index("--overwrite")
+        del args[i:i + 2]
+    if "--ckpt_path" not in args and not any(a.startswith("--ckpt_path=") for a in args):
+        args += ["--ckpt_path", "last"]
+    return "ditquant " + shlex.join(args)
+
+
+def _quiet(verbose: bool) -> None:
+    """Hide third-party tips and deprecation warnings unless asked for."""
+    if verbose:
+        return
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_argv: list[str] = []  # the running command's arguments, for the resume hint
 
 
 def main(args=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    global _argv
     argv = sys.argv[1:] if args is None else list(args)
+    verbose = "--verbose" in argv  # ditquant's own flag, anywhere: third-party tips and warnings are shown
+    argv = _argv = [a for a in argv if a != "--verbose"]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet(verbose)
     if argv[:1] == ["export"]:  # not a Trainer method: its own small parser
         from ditquant.integer import command
 
-        _report_user_errors(lambda: command.main(argv[1:]))
+        _run(lambda: command.main(argv[1:]), "export")
         return
-    # The DiT stays in eval mode during fit on purpose (label dropout off): Lightning's warning about it is noise.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    _report_user_errors(lambda: DitQuantCLI(
-        DiTQuantization, CalibrationData, seed_everything_default=0, args=args,
-        trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0},
-        save_config_kwargs={"overwrite": True}))
+    _run(lambda: DitQuantCLI(
+        DiTQuantization, CalibrationData, seed_everything_default=0, args=argv,
+        trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0,
+                          "enable_model_summary": False, "logger": False,
+                          "callbacks": [ProgressLines()]},
+        save_config_kwargs={"overwrite": True}), argv[0] if argv else "")
 
 
-def _report_user_errors(run) -> None:
+def _run(command, name: str) -> None:
+    """Run a command with safe-point signal handling; bad input and interruptions end in one line."""
     try:
-        run()
+        with interrupt.stop_on_signals():
+            command()
+            interrupt.check()  # a signal that arrived after the last safe point still means "stopped"
     except USER_ERRORS as e:
         if os.environ.get("DITQUANT_DEBUG"):
             raise
         # Bad input (a file, an option, a config that disagrees with the weights): the message says what and where.
-        sys.exit(f"ditquant: error: {e}\n(set DITQUANT_DEBUG=1 for the traceback)")
+        sys.exit(f"ditquant: error: {e}")
+    except StoppedEarly as e:
+        sys.stderr.write(f"ditquant fit: stopped at {e.where} (trainer.max_steps / max_time): no calibrated model "
+                         f"was written; the checkpoint holds the progress. Resume: {_resume_command()}\n")
+        sys.exit(EXIT_INCOMPLETE)
+    except (Interrupted, SIGTERMException) as e:
+        code = e.exit_code if isinstance(e, Interrupted) else 143
+        sys.stderr.write(f"ditquant {name}: stopped by {'SIGINT' if code == 130 else 'SIGTERM'}. "
+                         f"{_interrupted_hint(name)}\n")
+        sys.exit(code)
+
+
+def _interrupted_hint(name: str) -> str:
+    if name == "fit":
+        return ("Progress up to the last safe point is in checkpoints/last.ckpt, if one was written; nothing was "
+                f"marked finished. Resume: {_resume_command()}")
+    if name == "test":
+        return "No metrics were written (an older metrics.json was removed at the start). Run the command again."
+    return "Nothing was written. Run the command again."
 
 
 if __name__ == "__main__":

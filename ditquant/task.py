@@ -11,7 +11,9 @@ written to ``<default_root_dir>/test``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,13 +23,16 @@ import lightning as L
 import torch
 from rich.console import Console
 
+from ditquant import interrupt
 from ditquant.diffusion.samplers import SamplerConfig
+from ditquant.errors import UserError
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
 from ditquant.integer.convert import to_integer
 from ditquant.integer.export import load_integer as load_integer_model
 from ditquant.methods.callbacks import Preprocessing
 from ditquant.models.dit import DiTConfig
-from ditquant.models.loading import DiTSource, load_dit
+from ditquant.io import InputPath, check_same
+from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
 from ditquant.quant.apply import (apply_group_sizes, quantization_table, quantize_model, uncalibrated_layers,
                                   weight_sqnr_db)
 from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
@@ -56,25 +61,31 @@ class DiTQuantization(L.LightningModule):
             GEMMs) or ``integer`` (int8 / int4 weights and ``torch._int_mm``, see ``ditquant.integer``).
         load_integer: a folder written by ``ditquant export`` to test (implies the integer backend); it must have
             been made with the same model and quant config. ``dit`` is then loaded only as the FP reference.
+        allow_partial: let ``ditquant test`` evaluate a checkpoint whose calibration did not finish (refused by
+            default); every output is then labelled partial, with the step it reached.
     """
 
     def __init__(self, dit: DiTSource = DiTSource(), quant: Optional[QuantConfig] = QuantConfig(),
                  sampler: SamplerConfig = SamplerConfig(), evaluation: EvaluationConfig = EvaluationConfig(),
-                 reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[str] = None,
-                 backend: Literal["fake", "integer"] = "fake", load_integer: Optional[str] = None):
+                 reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[InputPath] = None,
+                 backend: Literal["fake", "integer"] = "fake", load_integer: Optional[InputPath] = None,
+                 allow_partial: bool = False):
         super().__init__()
         if quant is None and (reconstruction is not None or load_quantized is not None or load_integer is not None
                               or backend != "fake"):
-            raise ValueError("model.reconstruction / load_quantized / load_integer / backend need model.quant (it is "
+            raise UserError("model.reconstruction / load_quantized / load_integer / backend need model.quant (it is "
                              "null)")
         if backend not in BACKENDS:
-            raise ValueError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
+            raise UserError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
         if load_integer is not None and load_quantized is not None:
-            raise ValueError("model.load_quantized and model.load_integer are exclusive: give one")
+            raise UserError("model.load_quantized and model.load_integer are exclusive: give one")
         self.dit_source, self.quant, self.sampler, self.evaluation = dit, quant, sampler, evaluation
-        self.reconstruction, self.load_quantized = reconstruction, load_quantized
+        self.reconstruction = reconstruction
+        self.load_quantized = None if load_quantized is None else str(load_quantized)
+        self.allow_partial = allow_partial
+        self._partial: Optional[dict] = None  # the progress of a partial checkpoint under test
         self.backend = "integer" if load_integer is not None else backend
-        self.load_integer = load_integer
+        self.load_integer = None if load_integer is None else str(load_integer)
         self._integer: Optional[torch.nn.Module] = None
         self.automatic_optimization = False
         self.transformer: Optional[torch.nn.Module] = None
@@ -83,6 +94,8 @@ class DiTQuantization(L.LightningModule):
         self.reconstructor: Optional[BlockReconstructor] = None
         self._resume_state: Optional[dict] = None
         self._fit_started = None
+        self._fit_seconds_before = 0.0  # fit time of the segments before a resume
+        self._start_step = 0  # fit_step when this segment started
         self._num_fit_steps: Optional[int] = None
         self._activations_observed = False
 
@@ -94,6 +107,7 @@ class DiTQuantization(L.LightningModule):
         self.latent_scale = loaded.latent_scale
         self.vae = loaded.vae  # not a submodule: never quantized, never checkpointed
         self.transformer = loaded.transformer
+        self._fingerprint = weights_fingerprint(self.transformer)  # the FP weights, before any method folds into them
         if self.load_integer is not None:  # the exported model samples; the transformer stays FP, as the reference
             self._set_integer_transformer(load_integer_model(self.load_integer, self.quant, self.dit_config))
         elif self.quant is not None:
@@ -130,9 +144,9 @@ class DiTQuantization(L.LightningModule):
     def num_fit_steps(self) -> int:
         """Training batches fit needs: one to observe activation ranges, then one per reconstruction step."""
         if self.load_integer is not None:
-            raise ValueError("model.load_integer is for `ditquant test`; fit calibrates from model.dit")
+            raise UserError("model.load_integer is for `ditquant test`; fit calibrates from model.dit")
         if self.quant is None:
-            raise ValueError("model.quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
+            raise UserError("model.quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
         if self.reconstruction is None:
             return 1
         if self._num_fit_steps is None:  # the stages depend only on the quantized structure, fixed during fit
@@ -151,8 +165,59 @@ class DiTQuantization(L.LightningModule):
         """Completed fit steps (activation observation counts as one)."""
         return int(self.activations_observed) + (self.reconstructor.step if self.reconstructor is not None else 0)
 
+    def progress(self) -> dict:
+        """Where the fit stands: steps done and needed, whether calibration finished, and in words."""
+        step, total = self.fit_step, self.num_fit_steps()
+        if step >= total:
+            where = f"fit step {step} of {total} (finished)"
+        elif step == 0:
+            where = f"fit step 0 of {total} (before activation observation)"
+        elif self.reconstruction is None:
+            where = f"fit step {step} of {total}"
+        else:
+            reconstructor = self._reconstructor()
+            index, k = reconstructor.locate(reconstructor.step)
+            stage = reconstructor.stages[index]
+            where = (f"fit step {step} of {total}: reconstruction of {stage.unit}, stage {index + 1} of "
+                     f"{len(reconstructor.stages)}, iteration {k} of {stage.iterations}")
+        return {"step": step, "total": total, "finished": step >= total, "where": where,
+                "start_step": self._start_step}
+
+    def discard_previous_run(self) -> None:
+        """``fit --overwrite``: the run folder's checkpoint and calibrated model are replaced by this fit's."""
+        root = Path(self.trainer.default_root_dir)
+        (root / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
+        shutil.rmtree(root / "quantized", ignore_errors=True)
+
+    def on_fit_start(self) -> None:
+        # A calibrated model from an earlier fit in this folder must not outlive a fit that does not finish.
+        shutil.rmtree(Path(self.trainer.default_root_dir) / "quantized", ignore_errors=True)
+        check_writable_cache = self.reconstruction is not None and self.reconstruction.cache_dir
+        if check_writable_cache:
+            from ditquant.io import check_writable_dir
+
+            check_writable_dir(Path(self.reconstruction.cache_dir), "model.reconstruction.cache_dir")
+
     def on_train_start(self) -> None:
         self._fit_started = time.perf_counter()
+        self._start_step = self.fit_step
+        if self.trainer.is_global_zero:
+            Console(stderr=True).print(self._training_summary())
+
+    def _training_summary(self) -> str:
+        """What fit trains (in place of Lightning's parameter count, which is 0: nothing here is an nn.Parameter
+        with a gradient until its unit's stage starts)."""
+        if self.reconstruction is None:
+            return (f"fit: {self.num_fit_steps()} step: activation ranges observed over the calibration set; "
+                    "weights round-to-nearest (or set by the method's pre-processing); nothing is trained")
+        stages = plan_stages(self.transformer, self.reconstruction)
+        from ditquant.quant.modules import activation_quantizers, quant_layers
+
+        rounding = sum(m.layer.weight.numel() for m in quant_layers(self.transformer) if m.learns_rounding)
+        steps = sum(q.scale.numel() for q in activation_quantizers(self.transformer) if q.scale is not None)
+        return (f"fit: {self.num_fit_steps()} steps over {len(stages)} reconstruction stages "
+                f"({self.reconstruction.mode}): trains {rounding:,} AdaRound rounding variables and "
+                f"{steps:,} activation step sizes, one unit at a time")
 
     def training_step(self, batch, batch_idx: int) -> None:
         if not self.activations_observed:
@@ -162,14 +227,18 @@ class DiTQuantization(L.LightningModule):
             if not reconstructor.done:
                 m = reconstructor.run_step()
                 self.log_dict({"unit": float(m["stage"] + 1), "loss": m["rec"]}, prog_bar=True, on_step=True)
-        if self.fit_step >= self.num_fit_steps():
+        max_steps = self.trainer.max_steps
+        # Lightning counts optimizer steps of its own optimizers (none here), so max_steps is applied to fit steps.
+        if self.fit_step >= self.num_fit_steps() or (max_steps is not None and 0 <= max_steps <= self.fit_step):
             self.trainer.should_stop = True
 
     def _observe_activations(self) -> None:
         data = self.trainer.datamodule
         with torch.no_grad(), observing_activations(self.transformer):
             for batch in data.calibration_loader():
+                interrupt.check()
                 self.transformer(*(batch[k].to(self.device) for k in ("x", "t", "y")))
+        check_finite_quantizers(self.transformer)
 
     def _reconstructor(self) -> BlockReconstructor:
         if self.reconstructor is None:
@@ -186,6 +255,16 @@ class DiTQuantization(L.LightningModule):
         self.quant = replace(self.quant, layer_group_sizes=dict(sizes))
         apply_group_sizes(self.transformer, self.quant)
 
+    def _header(self) -> dict:
+        """What a checkpoint was made with (every option that changes its numbers) and how far it got."""
+        dit = dataclasses.asdict(self.dit_source)
+        header = {"dit": {k: v for k, v in dit.items() if k not in ("source", "vae")},
+                  "weights": self._fingerprint,
+                  "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k != "layer_group_sizes"}
+                  if self.quant is not None else None,
+                  "reconstruction": dataclasses.asdict(self.reconstruction) if self.reconstruction else None}
+        return yaml_plain(header)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.quant is not None and self.quant.layer_group_sizes:
             checkpoint["layer_group_sizes"] = dict(self.quant.layer_group_sizes)
@@ -193,28 +272,55 @@ class DiTQuantization(L.LightningModule):
             checkpoint["reconstruction"] = self.reconstructor.state_dict()
         elif self._resume_state is not None:
             checkpoint["reconstruction"] = self._resume_state
+        progress = self.progress()
+        seconds = self._fit_seconds_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
+        checkpoint["ditquant"] = {"made_with": self._header(), "fit_seconds": seconds,
+                                  "progress": {k: progress[k] for k in ("step", "total", "finished", "where")}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Runs before the state is loaded: the quantizers must first have the checkpoint's group sizes.
+        path = self.trainer.ckpt_path if self._trainer is not None else "the checkpoint"
+        info = checkpoint.get("ditquant")
+        if not isinstance(info, dict) or "made_with" not in info:
+            raise UserError(f"{path}: not a ditquant checkpoint, or made by a ditquant older than its header (start "
+                            "a new fit)")
+        made_with, expected = info["made_with"], self._header()
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if not fitting:  # test needs the model and quant config; the calibration recipe is fit's business
+            made_with, expected = ({k: d[k] for k in ("dit", "weights", "quant")} for d in (made_with, expected))
+        if made_with.get("weights") != expected.get("weights"):
+            raise UserError(f"{path} was made from different FP weights than model.dit.source "
+                            f"{self.dit_source.source} (weights fingerprint {made_with.get('weights')} there, "
+                            f"{expected.get('weights')} here)")
+        check_same(made_with, expected, str(path), prefix="model.")
+        progress = info["progress"]
+        if not fitting and not progress["finished"]:
+            if not self.allow_partial:
+                raise UserError(f"{path}: calibration did not finish (stopped at {progress['where']}); resume it "
+                                "with `ditquant fit <same --config> --ckpt_path last`, or evaluate the partial model "
+                                "with --model.allow_partial true (its outputs are then labelled partial)")
+            self._partial = progress
+        self._fit_seconds_before = float(info.get("fit_seconds") or 0.0)
         saved = checkpoint.get("layer_group_sizes") or {}
         if self.quant is not None and saved != self.quant.layer_group_sizes:
             if self.quant.layer_group_sizes:
-                raise ValueError("model.quant.layer_group_sizes differ from the ones the checkpoint was made with; "
-                                 "drop them from the config (the checkpoint knows its own) or start a new fit")
+                raise UserError("model.quant.layer_group_sizes differ from the ones the checkpoint was made with; "
+                                "drop them from the config (the checkpoint knows its own) or start a new fit")
             self.set_layer_group_sizes(saved)
         self._resume_state = checkpoint.get("reconstruction")
 
     def on_train_end(self) -> None:
         if self.fit_step < self.num_fit_steps():
-            return  # interrupted: the checkpoint holds the progress
+            return  # stopped early (max_steps / max_time): the checkpoint holds the progress, the CLI says so
         missing = uncalibrated_layers(self.transformer)
         if missing:
             raise RuntimeError(f"{len(missing)} quantizers saw no calibration data, e.g. {missing[:3]}")
         root = Path(self.trainer.default_root_dir)
+        seconds = self._fit_seconds_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
         if self.trainer.is_global_zero:
             save_quantized(self.transformer, root / "quantized", self.dit_source, self.quant)
             summary = {"label": self.quant.label(), "weight_sqnr_db": weight_sqnr_db(self.transformer),
-                       "fit_seconds": time.perf_counter() - self._fit_started if self._fit_started else None,
+                       "fit_seconds": seconds,
                        "preprocessing": {cb.name: cb.report for cb in self.trainer.callbacks
                                          if isinstance(cb, Preprocessing)},
                        "reconstruction": self.reconstructor.summary if self.reconstructor is not None else []}
@@ -225,9 +331,12 @@ class DiTQuantization(L.LightningModule):
     # ---- test: paired sampling and metrics ----
 
     def on_test_start(self) -> None:
+        out = Path(self.trainer.default_root_dir) / "test"
+        if self.trainer.is_global_zero:  # nothing of an earlier test may pass for this one's result
+            (out / "metrics.json").unlink(missing_ok=True)
         if self.quant is not None and (missing := uncalibrated_layers(self.transformer)):
-            raise ValueError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
-                               "run `ditquant fit` with this config first, or pass --ckpt_path")
+            raise UserError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
+                            "run `ditquant fit` with this config first, or pass --ckpt_path")
         if self.backend == "integer" and self.integer_transformer is None:
             self._set_integer_transformer(to_integer(self.transformer))
         if self.integer_transformer is not None:
@@ -237,16 +346,38 @@ class DiTQuantization(L.LightningModule):
         self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.dit_source,
                                          vae=self.vae, latent_scale=self.latent_scale,
                                          compare_fp=self.quant is not None)
+        log.info("test: sampling %d images (%s, %d steps)", self.trainer.datamodule.num_test_samples,
+                 self.sampler.kind, self.sampler.num_steps)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         model = self.integer_transformer if self.integer_transformer is not None else self.transformer
         self.evaluator.update(model, batch["index"], batch["y"], reference=self.transformer)
 
     def on_test_epoch_end(self) -> None:
+        interrupt.check()  # a stop during the last batch: no metrics file
         out_dir = self.trainer.default_root_dir + "/test"
         label = (self.quant.label() + (" integer" if self.backend == "integer" else "")) if self.quant else "FP"
-        metrics = self.evaluator.finish(out_dir, label=label,
-                                        write=self.trainer.is_global_zero)
+        if self._partial is not None:
+            label += f" PARTIAL ({self._partial['where']})"
+        metrics = self.evaluator.finish(out_dir, label=label, write=self.trainer.is_global_zero,
+                                        extra={"partial": self._partial} if self._partial is not None else None)
         for name, value in metrics.items():
             if isinstance(value, float):
                 self.log(f"test/{name}", value, rank_zero_only=True)
+
+
+def yaml_plain(obj):
+    """Tuples as lists, recursively: what a header looks like after a round trip through a checkpoint."""
+    if isinstance(obj, dict):
+        return {k: yaml_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [yaml_plain(v) for v in obj]
+    return obj
+
+
+def check_finite_quantizers(model: torch.nn.Module) -> None:
+    """Refuse quantization ranges that came out NaN / inf (the model produced non-finite activations)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith(("scale", "zero_point")) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"activation observation: {name} is NaN/inf: the model produced non-finite activations "
+                            "on the calibration set")

@@ -84,7 +84,7 @@ def test_test_without_fit_fails_clearly(tmp_path):
 
 
 def test_bad_option_is_reported():
-    with pytest.raises(SystemExit, match="bits must be between 2 and 8"):
+    with pytest.raises(SystemExit, match=r"^ditquant: error: model.quant.weight.bits: 12 is not one of 2–8 or 16"):
         main(["fit", "--config", "configs/rtn_w8a8.yaml", "--model.quant.weight.bits", "12"])
 
 

@@ -80,7 +80,8 @@ def test_extractor_accepts_what_torchmetrics_may_feed():
     assert ref.shape == (4, extractor.num_features)
     assert torch.allclose(extractor(x.repeat(1, 3, 1, 1)), ref, atol=1e-5)  # RGB → gray
     assert torch.allclose(extractor((x * 255).round().byte()), ref, atol=0.05 * ref.abs().max())  # uint8 in [0, 255]
-    assert extractor(torch.rand(1, 3, 299, 299)).shape == (1, extractor.num_features)  # torchmetrics' probe shape
+    with pytest.raises(ValueError, match="28x28"):  # never resized: the reference statistics are of 28x28 images
+        extractor(torch.rand(1, 3, 299, 299))
     extractor.train()
     assert not extractor.training and not extractor.classifier.training  # BatchNorm stays frozen inside Lightning
 

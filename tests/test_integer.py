@@ -155,7 +155,7 @@ def test_export_load_round_trip_and_mismatches(tmp_path):
     with pytest.raises(FileNotFoundError, match="ditquant export"):
         load_integer(tmp_path / "missing")
     (tmp_path / "int" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="does not match its checksum"):  # refused before it is parsed
         load_integer(tmp_path / "int")
 
 

@@ -98,7 +98,7 @@ def test_gptq_beats_round_to_nearest_on_held_out_inputs_of_the_bundled_model():
             w_gptq = ((r.codes - r.zero_point) * r.scale).reshape(layer.weight.shape)
             w_rtn = quantize_tensor(layer.weight, spec, True)
             err = lambda w: (held_out @ (w - layer.weight).T).square().mean().item()  # noqa: E731
-            assert err(w_gptq) < 0.9 * err(w_rtn), (name, spec.describe(), err(w_gptq), err(w_rtn))
+            assert err(w_gptq) < 0.9 * err(w_rtn), (name, spec.label("w"), err(w_gptq), err(w_rtn))
 
 
 # ---- per-layer group sizes ----

@@ -28,6 +28,7 @@ from ditquant.reconstruction.cache import UnitCache
 from ditquant.reconstruction.capture import capture_input, capture_output, replay
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
+from tests.cli_helpers import checkpointed_step, fit_command
 from tests.tiny_models import random_dit
 
 W4A8 = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), attention=QuantSpec(bits=8))
@@ -177,22 +178,6 @@ def test_reconstruction_config_rejects_bad_values():
 # ---- the CLI: kill a fit with SIGKILL part-way, resume it, compare with an uninterrupted run ----
 
 needs_bundled = pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reason="bundled model not trained")
-
-
-def fit_command(root: Path, calib: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ditquant", "fit", "--config", "configs/qdiff_w4a8.yaml",
-            "--trainer.default_root_dir", str(root), "--data.cache_dir", str(calib),
-            "--model.sampler.num_steps", "10", "--data.num_timesteps", "3", "--data.samples_per_timestep", "4",
-            "--model.reconstruction.iterations", "12", "--model.reconstruction.activation_iterations", "5",
-            "--model.reconstruction.batch_size", "8", "--checkpoint.every_n_steps", "10",
-            "--trainer.enable_progress_bar", "false", *extra]
-
-
-def checkpointed_step(path: Path) -> int:
-    try:
-        return torch.load(path, weights_only=True)["reconstruction"]["step"]
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
-        return -1
 
 
 @needs_bundled

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -12,21 +11,14 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, calibration_path, collate_pairs,
+from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, calibration_path,
+                                          check_finite_calibration, collate_pairs,
                                           load_calibration_set, record_calibration_set, save_calibration_set)
 from ditquant.diffusion.samplers import SamplerConfig
-from ditquant.models.loading import DiTSource, load_dit
+from ditquant.errors import UserError
+from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of all parameters (exact bytes), cheap next to sampling."""
-    digest = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class EvaluationIndices(Dataset):
@@ -97,8 +89,12 @@ class CalibrationData(L.LightningDataModule):
                                 samples_per_timestep=samples_per_timestep, seed=seed,
                                 classes=tuple(classes) if classes is not None else None)
         if (num_timesteps is not None and num_timesteps < 1) or samples_per_timestep < 1:
-            raise ValueError(f"data.num_timesteps and data.samples_per_timestep must be >= 1, got {num_timesteps} "
+            raise UserError(f"data.num_timesteps and data.samples_per_timestep must be >= 1, got {num_timesteps} "
                              f"and {samples_per_timestep}")
+        for name, value in (("batch_size", batch_size), ("num_test_samples", num_test_samples),
+                            ("test_batch_size", test_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"data.{name} must be a positive integer, got {value!r}")
         self.batch_size = batch_size
         self.cache_dir = Path(cache_dir)
         self.num_test_samples = num_test_samples
@@ -131,6 +127,7 @@ class CalibrationData(L.LightningDataModule):
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             data = record_calibration_set(loaded.transformer.to(device), recipe,
                                           (c.in_channels, c.input_size, c.input_size))
+            check_finite_calibration(data, "recording the calibration set")
             save_calibration_set(data, recipe, self.path)
         null = loaded.transformer.config.num_embeds_ada_norm
         del loaded

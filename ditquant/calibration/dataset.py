@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
 
@@ -46,10 +47,10 @@ class CalibrationRecipe:
 
     def __post_init__(self):
         if not 1 <= self.num_timesteps <= self.sampler.num_steps:
-            raise ValueError(f"calibration num_timesteps={self.num_timesteps} must be in [1, sampler.num_steps="
+            raise UserError(f"calibration num_timesteps={self.num_timesteps} must be in [1, sampler.num_steps="
                              f"{self.sampler.num_steps}]")
         if self.samples_per_timestep < 1:
-            raise ValueError(f"calibration samples_per_timestep must be >= 1, got {self.samples_per_timestep}")
+            raise UserError(f"calibration samples_per_timestep must be >= 1, got {self.samples_per_timestep}")
 
     def step_positions(self) -> list[int]:
         stride = self.sampler.num_steps // self.num_timesteps
@@ -69,7 +70,7 @@ def record_calibration_set(model: torch.nn.Module, recipe: CalibrationRecipe, la
     num_classes = model.config.num_embeds_ada_norm
     classes = torch.tensor(recipe.classes if recipe.classes is not None else range(num_classes))
     if classes.numel() == 0 or classes.min() < 0 or classes.max() >= num_classes:
-        raise ValueError(f"calibration classes must lie in [0, {num_classes}), got {recipe.classes}")
+        raise UserError(f"calibration classes must lie in [0, {num_classes}), got {recipe.classes}")
     gen = torch.Generator().manual_seed(recipe.seed)
     m = recipe.samples_per_timestep
     ys = classes[torch.randint(len(classes), (m,), generator=gen)]
@@ -109,10 +110,33 @@ def calibration_path(directory: Path, recipe: CalibrationRecipe) -> Path:
     return Path(directory) / f"calib-{recipe.digest()}.safetensors"
 
 
+def tensors_sha256(data: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (the file's checksum, stored in its own metadata)."""
+    digest = hashlib.sha256()
+    for name in sorted(data):
+        t = data[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_finite_calibration(data: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse calibration data holding NaN / inf, naming the first bad recorded step."""
+    xs = data["xs"]
+    bad = ~torch.isfinite(xs.flatten(2)).all(dim=2)  # (N, M)
+    if bad.any():
+        step, j = (int(i) for i in bad.nonzero()[0])
+        raise UserError(f"{where}: calibration data holds NaN or inf values ({int(bad.sum())} of {bad.numel()} "
+                        f"entries, first at recorded step {step} (t = {int(data['ts'][step])}), trajectory {j}); the "
+                        "FP model produced them: check its weights")
+
+
 def save_calibration_set(data: dict[str, torch.Tensor], recipe: CalibrationRecipe, path: Path) -> None:
-    """Write atomically, with the recipe in the safetensors metadata."""
+    """Write atomically, with the recipe and the tensors' checksum in the safetensors metadata."""
     with atomic_write(path) as tmp:
-        save_file(data, str(tmp), metadata={"recipe": recipe.to_json()})
+        # one metadata entry: safetensors stores metadata as a hash map, so two keys would be written in any order
+        header = json.dumps({"recipe": recipe.to_json(), "sha256": tensors_sha256(data)}, sort_keys=True)
+        save_file(data, str(tmp), metadata={"calibration": header})
 
 
 def load_calibration_set(path: Path, recipe: Optional[CalibrationRecipe] = None) -> dict[str, torch.Tensor]:
@@ -122,16 +146,20 @@ def load_calibration_set(path: Path, recipe: Optional[CalibrationRecipe] = None)
         raise FileNotFoundError(f"calibration file {path} does not exist")
     try:
         with safe_open(str(path), "pt") as f:
-            stored = (f.metadata() or {}).get("recipe")
+            metadata = json.loads((f.metadata() or {}).get("calibration", "{}"))
+        stored = metadata.get("recipe")
         data = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read calibration file ({exc})") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read calibration file ({exc})") from None
     if missing := {"xs", "ts", "ys"} - set(data):
-        raise ValueError(f"{path}: not a calibration file (missing {sorted(missing)})")
-    if not all(torch.isfinite(data[k].float()).all() for k in ("xs", "ts")):
-        raise ValueError(f"{path}: calibration data contains NaN or inf values; delete the file to record it again")
+        raise UserError(f"{path}: not a calibration file (missing {sorted(missing)})")
+    if metadata.get("sha256") != tensors_sha256(data):
+        what = "has no checksum (recorded by an older ditquant)" if "sha256" not in metadata else \
+            "does not match its checksum (damaged on disk)"
+        raise UserError(f"{path}: calibration file {what}; delete it to record it again")
+    check_finite_calibration(data, f"{path}")
     if recipe is not None and stored != recipe.to_json():
-        raise ValueError(f"{path}: recorded with a different recipe\n  file:   {stored}\n  wanted: {recipe.to_json()}")
+        raise UserError(f"{path}: recorded with a different recipe\n  file:   {stored}\n  wanted: {recipe.to_json()}")
     return data
 
 

@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ditquant.diffusion.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, ddim_timesteps, respaced_timesteps
+from ditquant import interrupt
+from ditquant.errors import UserError
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -41,11 +43,11 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.kind not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler.kind must be 'ddpm' or 'ddim', got {self.kind!r}")
+            raise UserError(f"sampler.kind must be 'ddpm' or 'ddim', got {self.kind!r}")
         if self.cfg_scale < 1.0:
-            raise ValueError(f"sampler.cfg_scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+            raise UserError(f"sampler.cfg_scale must be >= 1 (1 = no guidance), got {self.cfg_scale}")
         if self.cfg_channels is not None and self.cfg_channels < 1:
-            raise ValueError(f"sampler.cfg_channels must be a positive channel count or null, got {self.cfg_channels}")
+            raise UserError(f"sampler.cfg_channels must be a positive channel count or null, got {self.cfg_channels}")
         self.timesteps()  # validates num_steps for this kind
 
     def timesteps(self) -> list[int]:
@@ -89,6 +91,7 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, co
     null = model.config.num_embeds_ada_norm
     x = noise
     for i, t in enumerate(scheduler.timesteps.tolist()):
+        interrupt.check()  # between steps: a stop signal ends sampling here
         if on_step is not None:
             on_step(i, t, x)
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)

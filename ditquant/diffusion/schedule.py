@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ditquant.errors import UserError
+
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02
 
@@ -22,7 +24,7 @@ def respaced_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS)
     so the DDPM sampler passes these timesteps explicitly.
     """
     if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"sampling steps must be in [1, {num_timesteps}], got {num_steps}")
+        raise UserError(f"sampling steps must be in [1, {num_timesteps}], got {num_steps}")
     if num_steps == 1:
         return [0]
     stride = (num_timesteps - 1) / (num_steps - 1)
@@ -41,6 +43,6 @@ def ddim_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> 
     """
     stride = num_timesteps // num_steps if 1 <= num_steps <= num_timesteps else 0
     if stride == 0 or len(range(0, num_timesteps, stride)) != num_steps:
-        raise ValueError(f"DDIM with {num_steps} steps: {num_timesteps} timesteps cannot be laid out with a constant "
+        raise UserError(f"DDIM with {num_steps} steps: {num_timesteps} timesteps cannot be laid out with a constant "
                          f"stride of {num_timesteps}//{num_steps}; use e.g. 10, 20, 25, 50, 100 or 250 steps")
     return list(range(0, num_timesteps, stride))

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.models.bundled import CLASSIFIER_FILE
 
 FEATURE_DIM = 128
@@ -44,7 +44,7 @@ class FashionMNISTClassifier(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Penultimate activations (N, feature_dim): what FID is measured on."""
         if x.dim() != 4 or x.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"expected images of shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) in [-1, 1], "
+            raise UserError(f"expected images of shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) in [-1, 1], "
                              f"got {tuple(x.shape)}")
         return self.embed(self.body(x))
 
@@ -72,8 +72,9 @@ class DomainFeatureExtractor(nn.Module):
 
     torchmetrics hands a custom extractor the images exactly as given to ``update`` (no uint8 cast, no resize),
     and reads the feature size from ``num_features`` (without it, it probes with a (1, 3, 299, 299) image).
-    This accepts float images in [0, 1] (``normalize=True``) or uint8 in [0, 255], 1 or 3 channels, any size,
-    and maps them to the classifier's (N, 1, 28, 28) in [-1, 1].
+    This accepts float images in [0, 1] (``normalize=True``) or uint8 in [0, 255], 1 or 3 channels, 28x28,
+    and maps them to the classifier's (N, 1, 28, 28) in [-1, 1]; other sizes are refused (resized samples would be
+    scored against statistics of unresized images).
     """
 
     def __init__(self, classifier: FashionMNISTClassifier | None = None):
@@ -92,11 +93,11 @@ class DomainFeatureExtractor(nn.Module):
         if imgs.dim() == 3:
             imgs = imgs.unsqueeze(1)  # (N, H, W) → (N, 1, H, W)
         if imgs.dim() != 4 or imgs.shape[1] not in (1, 3):
-            raise ValueError(f"expected images (N, 1 or 3, H, W), got shape {tuple(imgs.shape)}")
+            raise UserError(f"expected images (N, 1 or 3, H, W), got shape {tuple(imgs.shape)}")
         x = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()  # (N, C, H, W) in [0, 1]
         if x.shape[1] == 3:
             x = x.mean(dim=1, keepdim=True)  # grayscale
-        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
-            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):  # the reference statistics are of 28x28 images: never resize
+            raise ValueError(f"domain features need {IMAGE_SIZE}x{IMAGE_SIZE} images, got {tuple(x.shape[-2:])}")
         p = next(self.classifier.parameters())
         return self.classifier.features((x * 2.0 - 1.0).to(device=p.device, dtype=p.dtype))  # (N, feature_dim)

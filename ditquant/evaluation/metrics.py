@@ -17,6 +17,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
+from ditquant.errors import UserError
 from ditquant.evaluation.features import DomainFeatureExtractor, load_classifier
 from ditquant.models.bundled import CLASSIFIER_FILE, REFERENCE_STATS_FILE
 
@@ -46,7 +47,7 @@ def load_reference_stats(path: str | Path) -> tuple[dict[str, torch.Tensor], dic
     stats = load_file(str(path))
     missing = [k for k in STAT_KEYS if k not in stats]
     if missing:
-        raise ValueError(f"{path} lacks {missing}: not an FID statistics file (expected keys {STAT_KEYS})")
+        raise UserError(f"{path} lacks {missing}: not an FID statistics file (expected keys {STAT_KEYS})")
     return stats, metadata
 
 
@@ -57,16 +58,16 @@ def domain_fid(reference: str = "fashion-mnist", classifier_path: str | Path = C
     ``fid.reset()`` clears only the samples (``reset_real_features=False``).
     """
     if reference not in REFERENCES:
-        raise ValueError(f"unknown reference {reference!r}; shipped references: {sorted(REFERENCES)}")
+        raise UserError(f"unknown reference {reference!r}; shipped references: {sorted(REFERENCES)}")
     stats, metadata = load_reference_stats(REFERENCES[reference])
     expected = metadata.get("classifier_sha256")
     if expected is not None and expected != file_sha256(classifier_path):
         # Statistics from another classifier would give a plausible-looking but meaningless number.
-        raise ValueError(f"{REFERENCES[reference]} was computed with a different classifier than {classifier_path}; "
+        raise UserError(f"{REFERENCES[reference]} was computed with a different classifier than {classifier_path}; "
                          f"rerun `python -m ditquant.models.bundled.train_classifier` to write both together")
     fid = domain_fid_metric(classifier_path)
     if stats["features_sum"].shape != fid.real_features_sum.shape:
-        raise ValueError(f"reference statistics have {stats['features_sum'].shape[0]} features, the classifier "
+        raise UserError(f"reference statistics have {stats['features_sum'].shape[0]} features, the classifier "
                          f"{fid.real_features_sum.shape[0]}")
     fid.real_features_sum = stats["features_sum"].to(torch.float64)
     fid.real_features_cov_sum = stats["features_cov_sum"].to(torch.float64)
@@ -79,7 +80,7 @@ def paired_fid(real_images: torch.Tensor, fake_images: torch.Tensor, batch_size:
                classifier_path: str | Path = CLASSIFIER_FILE) -> float:
     """Domain FID between two image sets in [0, 1], e.g. full-precision vs quantized samples of the same seeds."""
     if real_images.shape[0] < 2 or fake_images.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 images per set, got {real_images.shape[0]} and {fake_images.shape[0]}")
+        raise UserError(f"FID needs at least 2 images per set, got {real_images.shape[0]} and {fake_images.shape[0]}")
     fid = domain_fid_metric(classifier_path)
     for images, real in ((real_images, True), (fake_images, False)):
         for chunk in images.split(batch_size):
@@ -90,7 +91,7 @@ def paired_fid(real_images: torch.Tensor, fake_images: torch.Tensor, batch_size:
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     """Mean over images of the per-image PSNR in dB; images (N, C, H, W) in [-1, 1] (hence ``data_range=2``)."""
     if a.shape != b.shape:
-        raise ValueError(f"PSNR needs images of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise UserError(f"PSNR needs images of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     dims = tuple(range(1, a.dim()))
     per_image = peak_signal_noise_ratio(a.float(), b.float(), data_range=data_range, reduction="none", dim=dims)
     return per_image.mean()

@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.errors import UserError
 from ditquant.evaluation import metrics
-from ditquant.evaluation.sampling import feature_kind, seeded_noise, step_generators
+from ditquant.evaluation.sampling import check_feature_input, feature_kind, seeded_noise, step_generators
 from ditquant.models.dit import DiTConfig
 from ditquant.quant.modules import quant_disabled
 
@@ -27,21 +28,25 @@ class SampleSetFID:
     def __init__(self, dit: DiTConfig, source, sampler: SamplerConfig, num_samples: int, batch_size: int, seed: int,
                  reference: Literal["fp", "data"] = "fp", features: str = "auto", vae=None, latent_scale: float = 1.0):
         if num_samples < 2:
-            raise ValueError(f"an FID needs at least 2 samples, got num_samples={num_samples}")
+            raise UserError(f"an FID needs at least 2 samples, got num_samples={num_samples}")
         if reference not in ("fp", "data"):
-            raise ValueError(f"reference must be 'fp' or 'data', got {reference!r}")
+            raise UserError(f"reference must be 'fp' or 'data', got {reference!r}")
         kind = feature_kind(features, source)
         if kind not in ("fashion-mnist", "inception"):
-            raise ValueError(f"the sample-set FID needs a feature extractor (fashion-mnist or inception), got {kind!r}")
+            raise UserError(f"the sample-set FID needs a feature extractor (fashion-mnist or inception), got {kind!r}")
         if reference == "data" and kind != "fashion-mnist":
-            raise ValueError("reference 'data' needs shipped real-image statistics, which exist for the bundled "
+            raise UserError("reference 'data' needs shipped real-image statistics, which exist for the bundled "
                              "Fashion-MNIST domain only; use reference 'fp'")
         self.dit, self.sampler, self.seed, self.batch_size = dit, sampler, seed, batch_size
         self.vae, self.latent_scale = vae, latent_scale
         self.indices = torch.arange(num_samples)
         self.labels = self.indices % dit.num_classes
+        check_feature_input(kind, dit, vae is not None, option="the sample-set FID's features")
         if kind == "inception":
-            self.fid = metrics.inception_fid(normalize=True, reset_real_features=False)
+            try:
+                self.fid = metrics.inception_fid(normalize=True, reset_real_features=False)
+            except ImportError as e:
+                raise UserError(f"the sample-set FID's features: {e}") from None
         else:
             self.fid = metrics.domain_fid() if reference == "data" else metrics.domain_fid_metric()
         self.reference = reference

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.models.dit import DiTConfig
@@ -45,7 +46,7 @@ class EvaluationConfig:
 
     def __post_init__(self):
         if self.fid_features not in FEATURES:
-            raise ValueError(f"evaluation.fid_features must be one of {FEATURES}, got {self.fid_features!r}")
+            raise UserError(f"evaluation.fid_features must be one of {FEATURES}, got {self.fid_features!r}")
 
 
 def feature_kind(kind: str, source) -> str:
@@ -53,6 +54,21 @@ def feature_kind(kind: str, source) -> str:
     if kind == "auto":
         return "fashion-mnist" if getattr(source, "source", None) == "bundled" else "inception"
     return kind
+
+
+def check_feature_input(kind: str, dit: DiTConfig, latent: bool, option: str = "model.evaluation.fid_features"):
+    """The domain feature net and its reference statistics are made from 28x28 grey-scale images: samples of any
+    other size would be resized and scored against statistics they do not match, so that is refused."""
+    if kind != "fashion-mnist":
+        return
+    from ditquant.evaluation.features import IMAGE_SIZE
+
+    size = dit.input_size * (8 if latent else 1)  # SD-VAE decodes 8x
+    channels = 3 if latent else dit.in_channels
+    if size != IMAGE_SIZE or channels not in (1, 3):
+        raise UserError(f"{option}: fashion-mnist features and their reference statistics are for "
+                        f"{IMAGE_SIZE}x{IMAGE_SIZE} images, but this model samples {size}x{size}; set it to none (or "
+                        "inception with the optional extra)")
 
 
 def seeded_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int, stream: int) -> torch.Tensor:
@@ -82,6 +98,12 @@ def write_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Pat
         Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode).save(tmp, format="PNG")
 
 
+def write_samples(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """An ADM-layout sample archive: uint8 NHWC ``arr_0``, class labels ``arr_1``."""
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, arr_1=labels)
+
+
 def write_json(obj: dict, path: Path) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -95,6 +117,7 @@ class SampleEvaluator:
         self.config, self.sampler, self.dit, self.source = config, sampler, dit, source
         self.vae, self.latent_scale = vae, latent_scale
         self.compare_fp = compare_fp and config.compare_fp
+        check_feature_input(self._feature_kind(), dit, vae is not None)
         self.fid = self._make_fid()
         self.paired = self._make_fid(paired=True) if self.compare_fp else None
         self.inception_score = self._make_inception_score()
@@ -175,13 +198,14 @@ class SampleEvaluator:
         order = np.argsort(local["index"], kind="stable")
         return {k: v[order] for k, v in local.items()}
 
-    def finish(self, out_dir: str, label: str, write: bool = True) -> dict:
-        """Compute the metrics (torchmetrics syncs FID state across processes) and, if ``write``, the files."""
+    def finish(self, out_dir: str, label: str, write: bool = True, extra: Optional[dict] = None) -> dict:
+        """Compute the metrics (torchmetrics syncs FID state across processes) and, if ``write``, the files
+        (``metrics.json`` last, so that a complete-looking result exists only once everything is written)."""
         out = Path(out_dir)
         data = self._gathered()
         images, labels = data["images"], data["labels"]
         metrics: dict = {"label": label, "num_samples": int(len(images)), "sampler": asdict(self.sampler),
-                         "seed": self.config.seed}
+                         "seed": self.config.seed, **(extra or {})}
         if self.fid is not None and len(images) >= 2:
             metrics["fid_vs_data"] = float(self.fid.compute())
         if self.inception_score is not None and len(images) >= 2:
@@ -193,10 +217,10 @@ class SampleEvaluator:
         if not write:
             return metrics
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out / "samples.npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, arr_0=images, arr_1=labels)
+        write_samples(images, labels, out / "samples.npz")
         write_grid(images, labels, self.config.grid_per_class, out / "grid.png")
-        if self.compare_fp:
+        if self.compare_fp:  # the FP samples of the same seeds, for external evaluators (ADM's suite)
+            write_samples(data["fp_images"], labels, out / "samples_fp.npz")
             write_grid(data["fp_images"], labels, self.config.grid_per_class, out / "grid_fp.png")
         write_json(metrics, out / "metrics.json")
         log.info("test metrics: %s", metrics)

@@ -15,6 +15,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from ditquant.errors import UserError
 from ditquant.integer.convert import to_integer
 from ditquant.integer.export import save_integer
 from ditquant.integer.linear import IntLinear
@@ -44,7 +45,7 @@ def load_calibrated(folder: Path) -> tuple[LoadedDiT, DiTSource, QuantConfig]:
     quantize_model(loaded.transformer, quant, init_weights=False)
     load_quantized(loaded.transformer, folder, source, quant)
     if missing := uncalibrated_layers(loaded.transformer):
-        raise ValueError(f"{folder}: {len(missing)} layers are not calibrated (e.g. {missing[0]})")
+        raise UserError(f"{folder}: {len(missing)} layers are not calibrated (e.g. {missing[0]})")
     return loaded, source, quant
 
 

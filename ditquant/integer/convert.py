@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.integer.linear import INT8_SHIFT, IntLinear
 from ditquant.integer.packing import pack_int4
 from ditquant.quant.affine import integer_codes
@@ -19,7 +20,7 @@ def _patch_size(layer: nn.Conv2d, name: str) -> int:
     k, s = layer.kernel_size, layer.stride
     if k[0] != k[1] or tuple(k) != tuple(s) or layer.padding not in ((0, 0), 0) or layer.groups != 1 \
             or tuple(layer.dilation) != (1, 1):
-        raise ValueError(f"{name}: only patchifying convolutions (kernel = stride, no padding) have an integer form")
+        raise UserError(f"{name}: only patchifying convolutions (kernel = stride, no padding) have an integer form")
     return k[0]
 
 
@@ -35,12 +36,12 @@ def integer_shell(q: QuantLayer) -> IntLinear:
 def to_integer_layer(q: QuantLayer) -> IntLinear:
     """The integer form of one calibrated QuantLayer (codes: AdaRound's or LoRA's if stored, else round-to-nearest)."""
     if q.adaround is not None:
-        raise ValueError(f"{q.name}: reconstruction of this layer is unfinished (soft rounding); finish `ditquant fit`")
+        raise UserError(f"{q.name}: reconstruction of this layer is unfinished (soft rounding); finish `ditquant fit`")
     wq, aq = q.weight_quantizer, q.input_quantizer
     if wq.scale is None:
-        raise ValueError(f"{q.name}: dynamic weight quantization has no integer form")
+        raise UserError(f"{q.name}: dynamic weight quantization has no integer form")
     if not aq.calibrated:
-        raise ValueError(f"{q.name}: activation range never observed: the model was not calibrated (ditquant fit)")
+        raise UserError(f"{q.name}: activation range never observed: the model was not calibrated (ditquant fit)")
     out = integer_shell(q)
     spec = wq.spec
     codes = q.weight_codes.float() if q.weight_codes is not None else integer_codes(
@@ -79,6 +80,6 @@ def to_integer(model: nn.Module) -> nn.Module:
     (embeddings, norms, unquantized layers, attention processors) is copied as is. ``model`` is not changed."""
     layers = list(quant_layers(model))
     if not layers:
-        raise ValueError("the model has no quantized layers: quantize and calibrate it first (ditquant fit)")
+        raise UserError("the model has no quantized layers: quantize and calibrate it first (ditquant fit)")
     memo = {id(q): to_integer_layer(q) for q in layers if q.weight_quantizer.spec.enabled}
     return copy.deepcopy(model, memo)

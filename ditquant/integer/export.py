@@ -17,9 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.integer.convert import integer_shell
 from ditquant.integer.linear import IntLinear
-from ditquant.io import atomic_write
+from ditquant.io import atomic_write, committed_folder, verify_folder
 from ditquant.models.dit import DiTConfig, build_dit, config_of
 from ditquant.quant.apply import quantize_model
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
@@ -30,8 +31,8 @@ WEIGHTS, META = "model.safetensors", "integer.yaml"
 
 
 def _layout(model: nn.Module) -> dict:
-    return {name: {"in": m.in_features, "out": m.out_features, "weight": m.weight_spec.describe(),
-                   "storage": "int4" if m.packed else "int8", "activation": m.input_spec.describe()}
+    return {name: {"in": m.in_features, "out": m.out_features, "weight": m.weight_spec.label("w"),
+                   "storage": "int4" if m.packed else "int8", "activation": m.input_spec.label("a")}
             for name, m in model.named_modules() if isinstance(m, IntLinear)}
 
 
@@ -40,18 +41,19 @@ def save_integer(model: nn.Module, folder: str | Path, source, quant: QuantConfi
     folder = Path(folder)
     layout = _layout(model)
     if not layout:
-        raise ValueError("save_integer: the model has no integer layers (convert it with to_integer first)")
+        raise UserError("save_integer: the model has no integer layers (convert it with to_integer first)")
     if not getattr(source, "original_numerics", True):
-        raise ValueError("export supports models run with the original DiT numerics (dit.original_numerics: true)")
+        raise UserError("export supports models run with the original DiT numerics (dit.original_numerics: true)")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # non-persistent buffers too (the positional embedding): the loader builds the architecture without computing them
     state.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers() if k not in state})
     meta = {"format": FORMAT, "architecture": config_of(model).to_dict(), "dit": dataclasses.asdict(source),
             "quant": dataclasses.asdict(quant), "layers": layout}
-    with atomic_write(folder / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-    with atomic_write(folder / META) as tmp:
-        tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
+    with committed_folder(folder, (WEIGHTS, META)) as folder:
+        with atomic_write(folder / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        with atomic_write(folder / META) as tmp:
+            tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
     return folder
 
 
@@ -71,9 +73,10 @@ def read_integer_meta(folder: str | Path) -> dict:
     for p in (meta_path, Path(folder) / WEIGHTS):
         if not p.is_file():
             raise FileNotFoundError(f"{p} does not exist (expected a folder written by `ditquant export`)")
+    verify_folder(folder, (WEIGHTS, META), "integer model")
     meta = yaml.safe_load(meta_path.read_text())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: not a ditquant integer model (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+        raise UserError(f"{meta_path}: not a ditquant integer model (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                          f"expected {FORMAT!r})")
     return meta
 
@@ -89,7 +92,7 @@ def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
         quant = dataclasses.replace(quant, layer_group_sizes=saved_quant.layer_group_sizes)
     for what, expected, saved in (("quant", quant, saved_quant), ("architecture", architecture, saved_arch)):
         if expected is not None and expected != saved:
-            raise ValueError(f"{folder / META}: made for a different {what}\n  file:   {saved}\n  config: {expected}")
+            raise UserError(f"{folder / META}: made for a different {what}\n  file:   {saved}\n  config: {expected}")
     with torch.device("meta"):  # shapes only: the stored tensors are assigned in place of these
         model = quantize_model(build_dit(saved_arch), saved_quant, init_weights=False)
         for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
@@ -99,12 +102,12 @@ def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{folder / WEIGHTS}: cannot read ({e})") from None
+        raise UserError(f"{folder / WEIGHTS}: cannot read ({e})") from None
     try:
         assign_state(model, state)
     except RuntimeError as e:
-        raise ValueError(f"{folder / WEIGHTS} does not match {folder / META}: {str(e)[:500]}") from None
+        raise UserError(f"{folder / WEIGHTS} does not match {folder / META}: {str(e)[:500]}") from None
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
-        raise ValueError(f"{folder / WEIGHTS}: tensors missing for {leftover[:5]}")
+        raise UserError(f"{folder / WEIGHTS}: tensors missing for {leftover[:5]}")
     return model.eval().requires_grad_(False)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.integer.packing import unpack_int4
 from ditquant.quant.affine import qparams_from_range
 from ditquant.quant.quantizer import grouped
@@ -64,9 +65,9 @@ class IntLinear(nn.Module):
                  name: str = "", patch: Optional[int] = None):
         super().__init__()
         if not weight_spec.enabled:
-            raise ValueError(f"{name}: an integer layer needs a quantized weight")
+            raise UserError(f"{name}: an integer layer needs a quantized weight")
         if weight_spec.granularity == "column_group":
-            raise ValueError(f"{name}: the 'column_group' weight layout has scales that vary along both the output and "
+            raise UserError(f"{name}: the 'column_group' weight layout has scales that vary along both the output and "
                              "the input channels, which no integer GEMM can rescale; use granularity 'channel' or "
                              "'group' for integer inference")
         self.name, self.patch = name, patch
@@ -74,7 +75,7 @@ class IntLinear(nn.Module):
         self.weight_spec, self.input_spec = weight_spec, input_spec
         sizes = {s.group_size for s in (weight_spec, input_spec) if s.enabled and s.granularity == "group"}
         if len(sizes) > 1:
-            raise ValueError(f"{name}: weight and activation groups must have the same size, got {sorted(sizes)}")
+            raise UserError(f"{name}: weight and activation groups must have the same size, got {sorted(sizes)}")
         self.block = sizes.pop() if sizes else in_features  # channels sharing one weight and one activation scale
         self.packed = weight_spec.bits <= 4
         self.register_buffer("weight", torch.empty(out_features, in_features // 2 if self.packed else in_features,
@@ -236,5 +237,5 @@ class IntLinear(nn.Module):
 
     def extra_repr(self) -> str:
         storage = "int4 packed" if self.packed else "int8"
-        return (f"{self.name}: {self.in_features} -> {self.out_features}, W {self.weight_spec.describe()} ({storage}), "
-                f"A {self.input_spec.describe()}")
+        return (f"{self.name}: {self.in_features} -> {self.out_features}, W {self.weight_spec.label('w')} ({storage}), "
+                f"A {self.input_spec.label('a')}")

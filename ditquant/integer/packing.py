@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from ditquant.errors import UserError
+
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Pack unsigned 4-bit codes (values 0–15, any integer dtype, last dim even) into uint8, half the columns."""
     if codes.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even number of input channels, got {codes.shape[-1]}")
+        raise UserError(f"int4 packing needs an even number of input channels, got {codes.shape[-1]}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError(f"int4 codes must lie in [0, 15], got [{int(codes.min())}, {int(codes.max())}]")
+        raise UserError(f"int4 codes must lie in [0, 15], got [{int(codes.min())}, {int(codes.max())}]")
     c = codes.to(torch.uint8)
     return c[..., 0::2] | (c[..., 1::2] << 4)
 

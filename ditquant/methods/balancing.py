@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ditquant.errors import UserError
 from ditquant.methods.folding import fold_into_modulation, fold_into_value, input_weights, require_modulation
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
@@ -42,7 +43,7 @@ def balancing_factors(model: nn.Module, calibration: Dataset, salience: Literal[
                       batch_size: int = 32) -> tuple[dict[tuple[int, str], torch.Tensor], dict]:
     """({(block, input): f} for every balanced input, the statistics behind them); the model is not changed."""
     if salience not in ("ssc", "mid"):
-        raise ValueError(f"salience must be 'ssc' or 'mid', got {salience!r}")
+        raise UserError(f"salience must be 'ssc' or 'mid', got {salience!r}")
     require_modulation(model)
     timesteps, per_t = salience_per_timestep(model, calibration, batch_size)
     factors, report = {}, {"timesteps": timesteps, "eta": {}, "factor_range": {}}

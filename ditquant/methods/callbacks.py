@@ -21,7 +21,9 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
+from ditquant.checkpointing import save_last
 from ditquant.diffusion.samplers import SamplerConfig
+from ditquant.errors import UserError
 from ditquant.evaluation.sample_fid import SampleSetFID
 from ditquant.io import atomic_write
 from ditquant.methods.balancing import balance_model
@@ -64,7 +66,7 @@ class Preprocessing(L.Callback):
         if self.done:
             return
         if trainer.ckpt_path is not None and not self._restored:
-            raise ValueError(f"{type(self).__name__}: the checkpoint being resumed ({trainer.ckpt_path}) was made "
+            raise UserError(f"{type(self).__name__}: the checkpoint being resumed ({trainer.ckpt_path}) was made "
                              "without it; start a new fit to apply it")
         self.check(pl_module)
         started = time.perf_counter()
@@ -101,9 +103,9 @@ class SalienceBalancing(Preprocessing):
     def __init__(self, salience: Literal["ssc", "mid"] = "ssc", batch_size: int = 32):
         super().__init__()
         if salience not in ("ssc", "mid"):
-            raise ValueError(f"SalienceBalancing.salience must be 'ssc' or 'mid', got {salience!r}")
+            raise UserError(f"SalienceBalancing.salience must be 'ssc' or 'mid', got {salience!r}")
         if batch_size < 1:
-            raise ValueError(f"SalienceBalancing.batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"SalienceBalancing.batch_size must be >= 1, got {batch_size}")
         self.salience, self.batch_size = salience, batch_size
 
     def apply(self, model: nn.Module, calibration: Dataset) -> dict:
@@ -133,7 +135,7 @@ class TemporalSmoothing(Preprocessing):
         if alpha is not None:
             check_alphas([alpha])
         if batch_size < 1:
-            raise ValueError(f"TemporalSmoothing.batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"TemporalSmoothing.batch_size must be >= 1, got {batch_size}")
         self.alpha, self.batch_size = alpha, batch_size
 
     def apply(self, model: nn.Module, calibration: Dataset) -> dict:
@@ -156,16 +158,16 @@ class LowRankCompensation(Preprocessing):
     def __init__(self, rank: int = 32, iterations: int = 10, roles: Optional[list[str]] = None):
         super().__init__()
         if iterations < 1:
-            raise ValueError(f"LowRankCompensation.iterations must be >= 1, got {iterations}")
+            raise UserError(f"LowRankCompensation.iterations must be >= 1, got {iterations}")
         self.rank, self.iterations = rank, iterations
         self.roles = list(roles) if roles is not None else list(BLOCK_LINEAR_ROLES)
         if unknown := sorted(set(self.roles) - set(ROLES)):
-            raise ValueError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
+            raise UserError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
 
     def apply(self, model: nn.Module, calibration: Dataset) -> dict:
         wrapped = {m.name: m for m in quant_layers(model) if role_of(m.name) in self.roles}
         if not wrapped:
-            raise ValueError(f"LowRankCompensation: no quantized layer has a role in {self.roles}")
+            raise UserError(f"LowRankCompensation: no quantized layer has a role in {self.roles}")
         for name, layer in wrapped.items():  # every rank checked before any work
             check_rank(self.rank, layer.layer.weight, f"LowRankCompensation.rank ({name})")
         report = {"rank": self.rank, "rtn_error": {}, "error": {}}
@@ -211,11 +213,11 @@ class GranularitySearch(Preprocessing):
                  output: Optional[str] = None):
         super().__init__()
         if not space or any(not isinstance(g, int) or g < 1 for g in space):
-            raise ValueError(f"GranularitySearch.space must be a non-empty list of positive sizes, got {space}")
+            raise UserError(f"GranularitySearch.space must be a non-empty list of positive sizes, got {space}")
         if budget_group_size < 1 or num_samples < 2 or batch_size < 1:
-            raise ValueError("GranularitySearch: budget_group_size and batch_size must be >= 1 and num_samples >= 2")
+            raise UserError("GranularitySearch: budget_group_size and batch_size must be >= 1 and num_samples >= 2")
         if reference not in ("fp", "data"):
-            raise ValueError(f"GranularitySearch.reference must be 'fp' or 'data', got {reference!r}")
+            raise UserError(f"GranularitySearch.reference must be 'fp' or 'data', got {reference!r}")
         self.settings = EvolutionSettings(population, top_k, mutations, crossovers, mutation_prob, generations, seed)
         self.space, self.budget_group_size, self.constraint = tuple(space), budget_group_size, constraint
         self.num_samples, self.batch_size, self.sampler = num_samples, batch_size, sampler
@@ -230,12 +232,19 @@ class GranularitySearch(Preprocessing):
         layers = {name for gene in genes for name in gene.layers}
         if any(q.input_quantizer.enabled and not q.input_quantizer.spec.dynamic
                for q in quant_layers(pl_module.transformer) if q.name in layers):
-            raise ValueError("GranularitySearch scores candidates without calibration: the group-wise layers need "
+            raise UserError("GranularitySearch scores candidates without calibration: the group-wise layers need "
                              "dynamic activation quantization (model.quant.activation.dynamic: true)")
         return EvolutionarySearch(genes, self.settings, self.budget_group_size, self.constraint)
 
     def check(self, pl_module) -> None:
-        self._new_search(pl_module)
+        if self._new_search(pl_module) is not None:  # the fitness must be computable before any recording
+            self._fitness(pl_module)
+
+    def _fitness(self, pl_module) -> SampleSetFID:
+        return SampleSetFID(pl_module.dit_config, pl_module.dit_source, self.sampler or pl_module.sampler,
+                            self.num_samples, self.batch_size, self.seed, self.reference,
+                            pl_module.evaluation.fid_features if self.features == "auto" else self.features,
+                            pl_module.vae, pl_module.latent_scale)
 
     def run(self, trainer, pl_module) -> dict:
         model, quant = pl_module.transformer, pl_module.quant
@@ -249,10 +258,7 @@ class GranularitySearch(Preprocessing):
             search.load_state_dict(self._resume["search"])
             previous_seconds = self._resume["seconds"]
         started = time.perf_counter()
-        fid = SampleSetFID(pl_module.dit_config, pl_module.dit_source, self.sampler or pl_module.sampler,
-                           self.num_samples, self.batch_size, self.seed, self.reference,
-                           pl_module.evaluation.fid_features if self.features == "auto" else self.features,
-                           pl_module.vae, pl_module.latent_scale)
+        fid = self._fitness(pl_module)
 
         def score(genome) -> float:
             apply_group_sizes(model, replace(quant, layer_group_sizes=layer_group_sizes(genome, genes)))
@@ -267,7 +273,7 @@ class GranularitySearch(Preprocessing):
                      search.scores[search.best])
             if search.finished:
                 break
-            self._save_checkpoint(trainer)
+            save_last(trainer)
         sizes = layer_group_sizes(search.best, genes)
         pl_module.set_layer_group_sizes(sizes)
         out = Path(self.output or Path(trainer.default_root_dir) / "group_sizes.yaml")
@@ -288,12 +294,6 @@ class GranularitySearch(Preprocessing):
         with atomic_write(path) as tmp:
             tmp.write_text(header + yaml.safe_dump({"model": {"quant": {"layer_group_sizes": sizes}}},
                                                    sort_keys=False))
-
-    @staticmethod
-    def _save_checkpoint(trainer) -> None:
-        cb = trainer.checkpoint_callback
-        if cb is not None and getattr(cb, "dirpath", None):
-            trainer.save_checkpoint(cb.format_checkpoint_name({}, cb.CHECKPOINT_NAME_LAST), weights_only=False)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "resume": self._resume}
@@ -325,7 +325,7 @@ class GPTQ(Preprocessing):
 
     def check(self, pl_module) -> None:
         if pl_module.reconstruction is not None:
-            raise ValueError("GPTQ and model.reconstruction (AdaRound) both set the weights: use one (set "
+            raise UserError("GPTQ and model.reconstruction (AdaRound) both set the weights: use one (set "
                              "model.reconstruction: null, or drop the GPTQ callback)")
 
     def run(self, trainer, pl_module) -> dict:

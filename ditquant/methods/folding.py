@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.models.layout import (ADALN_CHUNKS, ATTENTION_OUTPUT, MODULATED_INPUTS, VALUE_PROJECTION,
                                     modulation_linear, transformer_blocks)
 from ditquant.quant.modules import QuantLayer, fp_layer
@@ -33,13 +34,13 @@ def _ensure_foldable(modules: list[nn.Module]) -> None:
     """Checked before any weight changes: a fold cannot reach a quantized weight that no longer follows W."""
     for m in modules:
         if isinstance(m, QuantLayer) and m.frozen_weight:
-            raise ValueError(f"{m.name}: its quantized weight is already fixed (reconstructed or low-rank "
+            raise UserError(f"{m.name}: its quantized weight is already fixed (reconstructed or low-rank "
                              "compensated); fold factors into the model before that")
 
 
 def _check(s: torch.Tensor, channels: int, where: str) -> torch.Tensor:
     if s.shape != (channels,) or not torch.isfinite(s).all() or (s <= 0).any():
-        raise ValueError(f"{where}: the factor must be {channels} finite positive values, got shape {tuple(s.shape)}")
+        raise UserError(f"{where}: the factor must be {channels} finite positive values, got shape {tuple(s.shape)}")
     return s
 
 
@@ -106,7 +107,7 @@ def fold_into_value(block: nn.Module, s: torch.Tensor) -> None:
 def divide_online(layer: QuantLayer, s: torch.Tensor) -> None:
     """x / s at run time in front of ``layer``'s input quantizer, and W's columns multiplied by s."""
     if not isinstance(layer, QuantLayer):
-        raise ValueError("divide_online needs a QuantLayer (the division lives in its forward)")
+        raise UserError("divide_online needs a QuantLayer (the division lives in its forward)")
     s = _check(s, layer.layer.in_features, f"divide_online({layer.name})").to(layer.layer.weight)
     scale_input_columns([layer], s)
     layer.input_divisor = s * layer.input_divisor if layer.input_divisor is not None else s.clone()

@@ -22,6 +22,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ditquant import interrupt
+from ditquant.errors import UserError
 from ditquant.models.layout import reconstruction_units
 from ditquant.quant.affine import integer_codes, qparams_from_range
 from ditquant.quant.modules import QuantLayer, activation_quantizers, bypassing, quant_layers
@@ -38,9 +40,9 @@ class GPTQResult:
 
 def check_options(blocksize: int, damping: float) -> None:
     if blocksize < 1:
-        raise ValueError(f"GPTQ.blocksize must be >= 1, got {blocksize}")
+        raise UserError(f"GPTQ.blocksize must be >= 1, got {blocksize}")
     if not 0 < damping < 1:
-        raise ValueError(f"GPTQ.damping must be in (0, 1) (a fraction of the mean Hessian diagonal), got {damping}")
+        raise UserError(f"GPTQ.damping must be in (0, 1) (a fraction of the mean Hessian diagonal), got {damping}")
 
 
 def _range_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,12 +57,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     """GPTQ of a (out, in) weight given the (in, in) Hessian of its inputs; ``spec`` per channel or per group."""
     check_options(blocksize, damping)
     if spec.granularity not in ("channel", "group"):
-        raise ValueError(f"GPTQ needs per-channel or group-wise weights, got granularity {spec.granularity!r}")
+        raise UserError(f"GPTQ needs per-channel or group-wise weights, got granularity {spec.granularity!r}")
     w = weight.detach().reshape(weight.shape[0], -1).float().clone()
     out_features, n = w.shape
     g = spec.group_size if spec.granularity == "group" else n
     if n % g:
-        raise ValueError(f"group size {g} does not divide the {n} input channels")
+        raise UserError(f"group size {g} does not divide the {n} input channels")
     h = hessian.float().clone()
     dead = h.diagonal() == 0  # channels never active: their weights cannot matter, quantize them as zero
     h[dead, dead] = 1.0
@@ -150,12 +152,13 @@ def quantize_model_gptq(model: nn.Module, loader: Iterable[dict], blocksize: int
             continue
         frozen = [q.name for q in layers if q.frozen_weight]
         if frozen:
-            raise ValueError(f"GPTQ: the weights of {frozen[:3]} are already fixed (codes or a low-rank branch); "
+            raise UserError(f"GPTQ: the weights of {frozen[:3]} are already fixed (codes or a low-rank branch); "
                              "GPTQ must be the only weight method")
         # Static activation ranges are observed after GPTQ: until then those inputs stay full precision.
         unobserved = [a for a in activation_quantizers(model) if not a.calibrated]
         with bypassing([q.weight_quantizer for q in layers] + unobserved), _record_inputs(layers, unit) as stats:
             for batch in loader:
+                interrupt.check()
                 try:
                     model(*(batch[k].to(device) for k in ("x", "t", "y")))
                 except _StopForward:

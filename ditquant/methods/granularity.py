@@ -29,6 +29,7 @@ from typing import Callable, Literal
 
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.quant.modules import quant_layers
 
 SEARCH_SPACE = (32, 64, 128, 192, 288)
@@ -59,14 +60,14 @@ def search_genes(model: nn.Module, space: tuple[int, ...] = SEARCH_SPACE) -> lis
         if "group" in (q.weight_quantizer.spec.granularity, q.input_quantizer.spec.granularity):
             grouped.setdefault(gene_key(q.name), []).append(q)
     if not grouped:
-        raise ValueError("granularity search: no quantized layer is group-wise; set model.quant.weight (and "
+        raise UserError("granularity search: no quantized layer is group-wise; set model.quant.weight (and "
                          "activation) granularity: group")
     genes = []
     for key, layers in grouped.items():
         width = layers[0].layer.weight[0].numel()
         sizes = tuple(sorted(g for g in set(space) if width % g == 0))
         if not sizes:
-            raise ValueError(f"granularity search: no size of the search space {sorted(space)} divides the "
+            raise UserError(f"granularity search: no size of the search space {sorted(space)} divides the "
                              f"{width} input channels of {layers[0].name}")
         genes.append(Gene(key, tuple(q.name for q in layers), sizes,
                           sum(q.layer.weight.numel() for q in layers)))
@@ -87,10 +88,10 @@ def budget(genes: list[Gene], reference: int, constraint: str) -> float:
 
 def check_feasible(genes: list[Gene], reference: int, constraint: str) -> None:
     if constraint not in CONSTRAINTS:
-        raise ValueError(f"granularity search: constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        raise UserError(f"granularity search: constraint must be one of {CONSTRAINTS}, got {constraint!r}")
     coarsest = tuple(gene.sizes[-1] for gene in genes)
     if cost(coarsest, genes, constraint) > budget(genes, reference, constraint) * (1 + 1e-9):
-        raise ValueError(f"granularity search: the constraint cannot be met: even the coarsest allowed groups "
+        raise UserError(f"granularity search: the constraint cannot be met: even the coarsest allowed groups "
                          f"({constraint} cost {cost(coarsest, genes, constraint):.4g}) exceed the budget of group "
                          f"size {reference} everywhere ({budget(genes, reference, constraint):.4g}); raise "
                          "budget_group_size or add larger sizes to the search space")
@@ -113,15 +114,15 @@ class EvolutionSettings:
 
     def __post_init__(self):
         if self.population < 2 or not 1 <= self.top_k <= self.population:
-            raise ValueError(f"granularity search needs population >= 2 and 1 <= top_k <= population, got "
+            raise UserError(f"granularity search needs population >= 2 and 1 <= top_k <= population, got "
                              f"population={self.population}, top_k={self.top_k}")
         if self.mutations < 0 or self.crossovers < 0 or self.mutations + self.crossovers > self.population:
-            raise ValueError(f"granularity search: mutations + crossovers ({self.mutations} + {self.crossovers}) must "
+            raise UserError(f"granularity search: mutations + crossovers ({self.mutations} + {self.crossovers}) must "
                              f"be non-negative and at most the population ({self.population})")
         if not 0 <= self.mutation_prob <= 1:
-            raise ValueError(f"granularity search: mutation_prob must be in [0, 1], got {self.mutation_prob}")
+            raise UserError(f"granularity search: mutation_prob must be in [0, 1], got {self.mutation_prob}")
         if self.generations < 0:
-            raise ValueError(f"granularity search: generations must be >= 0, got {self.generations}")
+            raise UserError(f"granularity search: generations must be >= 0, got {self.generations}")
 
 
 class EvolutionarySearch:
@@ -217,7 +218,7 @@ class EvolutionarySearch:
 
     def load_state_dict(self, state: dict) -> None:
         if state["keys"] != [gene.key for gene in self.genes]:
-            raise ValueError("granularity search: the checkpoint's search was over other layers; start a new fit")
+            raise UserError("granularity search: the checkpoint's search was over other layers; start a new fit")
         self.generation = state["generation"]
         self.population = [tuple(g) for g in state["population"]]
         self.scores = {tuple(g): v for g, v in state["scores"]}

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ditquant.calibration.dataset import CalibrationSet
+from ditquant.errors import UserError
 from ditquant.methods.folding import (divide_online, fold_into_modulation, fold_into_value, input_weights,
                                      require_modulation)
 from ditquant.methods.salience import activation_salience, weight_salience
@@ -38,7 +39,7 @@ EPS = 1e-4
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise ValueError(f"the α grid must be a non-empty list of values in [0, 1], got {list(alphas)}")
+        raise UserError(f"the α grid must be a non-empty list of values in [0, 1], got {list(alphas)}")
     return tuple(float(a) for a in alphas)
 
 
@@ -111,11 +112,11 @@ def _layer_specs(model: nn.Module) -> tuple[QuantSpec, QuantSpec]:
             for name in consumers:
                 m = block.get_submodule(name)
                 if not isinstance(m, QuantLayer):
-                    raise ValueError(f"smoothing needs q/k/v, attn_out, fc1 and fc2 quantized (quant.roles); {name} "
+                    raise UserError(f"smoothing needs q/k/v, attn_out, fc1 and fc2 quantized (quant.roles); {name} "
                                      "is not")
                 specs.add((m.weight_quantizer.spec, m.input_quantizer.spec))
     if len(specs) != 1:
-        raise ValueError("smoothing searches α with one weight/activation spec: the smoothed linears have "
+        raise UserError("smoothing searches α with one weight/activation spec: the smoothed linears have "
                          f"{len(specs)} different ones (quant.overrides)")
     return specs.pop()
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ditquant import interrupt
 from ditquant.calibration.dataset import collate_pairs
 from ditquant.models.layout import transformer_blocks
 
@@ -33,6 +34,7 @@ def visit_block_inputs(model: nn.Module, calibration: Dataset, inputs: dict[str,
     device = next(model.parameters()).device
     try:
         for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
+            interrupt.check()
             x, t, y = (batch[k].to(device) for k in ("x", "t", "y"))
             current_t[:] = [t]
             model(x, t, y)

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import DiTTransformer2DModel
 
+from ditquant.errors import UserError
+
 # Named sizes of the original DiT (models.py, DiT_models): (depth, hidden, heads).
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DIT_PATCHES = (2, 4, 8)
@@ -49,13 +51,13 @@ class DiTConfig:
     def __post_init__(self):
         for name in ("hidden_size", "depth", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"DiTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UserError(f"DiTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            raise UserError(f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.input_size % self.patch_size:
-            raise ValueError(f"DiTConfig.input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
+            raise UserError(f"DiTConfig.input_size={self.input_size} is not divisible by patch_size={self.patch_size}")
         if self.mlp_ratio != 4.0:
-            raise ValueError("DiTConfig.mlp_ratio: diffusers' DiT supports only the original ratio 4.0")
+            raise UserError("DiTConfig.mlp_ratio: diffusers' DiT supports only the original ratio 4.0")
 
     @property
     def out_channels(self) -> int:
@@ -67,7 +69,7 @@ class DiTConfig:
         size, _, patch = name.removeprefix("DiT-").partition("/")
         if size not in DIT_SIZES or not patch.isdigit() or int(patch) not in DIT_PATCHES:
             known = ", ".join(f"DiT-{s}/{p}" for s in DIT_SIZES for p in DIT_PATCHES)
-            raise ValueError(f"unknown model name {name!r}; known names: {known}")
+            raise UserError(f"unknown model name {name!r}; known names: {known}")
         depth, hidden, heads = DIT_SIZES[size]
         return cls(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch), input_size=input_size,
                    **overrides)

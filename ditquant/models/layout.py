@@ -17,6 +17,8 @@ import re
 
 from torch import nn
 
+from ditquant.errors import UserError
+
 ROLE_PATTERNS = {
     "patch_embed": ("pos_embed.proj",),
     "timestep_mlp": ("transformer_blocks.*.norm1.emb.timestep_embedder.linear_1",
@@ -47,7 +49,7 @@ def layers_by_role(model: nn.Module, roles) -> dict[str, nn.Module]:
     """Name -> module for every Linear/Conv2d of ``model`` whose role is in ``roles``, in forward order."""
     unknown = set(roles) - set(ROLES)
     if unknown:
-        raise ValueError(f"unknown layer role(s) {sorted(unknown)}; known roles: {', '.join(ROLES)}")
+        raise UserError(f"unknown layer role(s) {sorted(unknown)}; known roles: {', '.join(ROLES)}")
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Linear, nn.Conv2d)) and role_of(name) in roles}
 
@@ -70,7 +72,7 @@ VALUE_PROJECTION, ATTENTION_OUTPUT = "attn1.to_v", "attn1.to_out.0"
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = getattr(model, "transformer_blocks", None)
     if blocks is None:
-        raise ValueError(f"{type(model).__name__} has no transformer_blocks: not a diffusers DiT")
+        raise UserError(f"{type(model).__name__} has no transformer_blocks: not a diffusers DiT")
     return list(blocks)
 
 
@@ -82,7 +84,7 @@ def modulation_linear(block: nn.Module) -> nn.Module:
     weight = getattr(getattr(linear, "layer", linear), "weight", None)
     hidden = getattr(getattr(block, "attn1", None), "inner_dim", None)
     if weight is None or hidden is None or weight.shape[0] != len(ADALN_CHUNKS) * hidden:
-        raise ValueError(f"{type(block).__name__} with norm {type(norm).__name__} has no adaLN-Zero modulation "
+        raise UserError(f"{type(block).__name__} with norm {type(norm).__name__} has no adaLN-Zero modulation "
                          f"(norm1.linear producing {'/'.join(ADALN_CHUNKS)}) to fold a per-channel factor into; "
                          "balancing and smoothing support DiT blocks (diffusers norm_type 'ada_norm_zero')")
     return linear

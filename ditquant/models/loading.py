@@ -10,6 +10,7 @@ Weights are read only from safetensors or with ``torch.load(weights_only=True)``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from urllib.parse import urlsplit
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
+from ditquant.errors import UserError
+from ditquant.io import InputPath
 from ditquant.models import bundled
 from ditquant.models.dit import DIT_SIZES, DiTConfig, config_of, use_original_numerics
 from ditquant.models.original import CHECKPOINT_SUFFIXES, load_original_checkpoint
@@ -55,7 +58,7 @@ class DiTSource:
             False gives stock diffusers behaviour, which differs slightly, for comparisons only.
     """
 
-    source: str = "bundled"
+    source: InputPath = "bundled"
     name: Optional[str] = None
     hidden_size: Optional[int] = None
     depth: Optional[int] = None
@@ -65,19 +68,19 @@ class DiTSource:
     in_channels: Optional[int] = None
     num_classes: Optional[int] = None
     learn_sigma: Optional[bool] = None
-    vae: Optional[str] = None
+    vae: Optional[InputPath] = None
     use_ema: bool = True
     original_numerics: bool = True
 
     def __post_init__(self):
-        if isinstance(self.source, Path):
+        if isinstance(self.source, (Path, InputPath)):  # plain str: the YAML writers know no subclass
             object.__setattr__(self, "source", str(self.source))
-        if isinstance(self.vae, Path):
+        if isinstance(self.vae, (Path, InputPath)):
             object.__setattr__(self, "vae", str(self.vae))
         if not isinstance(self.source, str) or not self.source:
-            raise ValueError(f"DiTSource.source must be 'bundled', a path or a hub id, got {self.source!r}")
+            raise UserError(f"DiTSource.source must be 'bundled', a path or a hub id, got {self.source!r}")
         if self.vae is not None and (not isinstance(self.vae, str) or not self.vae):
-            raise ValueError(f"DiTSource.vae must be a folder, a hub id or 'none', got {self.vae!r}")
+            raise UserError(f"DiTSource.vae must be a folder, a hub id or 'none', got {self.vae!r}")
         if self.name is not None:
             DiTConfig.named(self.name)  # raises for an unknown name, listing the known ones
         for key in _OVERRIDES:
@@ -86,9 +89,9 @@ class DiTSource:
                 continue
             if key == "learn_sigma":
                 if not isinstance(value, bool):
-                    raise ValueError(f"DiTSource.learn_sigma must be true or false, got {value!r}")
+                    raise UserError(f"DiTSource.learn_sigma must be true or false, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DiTSource.{key} must be a positive integer, got {value!r}")
+                raise UserError(f"DiTSource.{key} must be a positive integer, got {value!r}")
 
     def overrides(self) -> dict:
         """The architecture fields that were given."""
@@ -104,6 +107,24 @@ class LoadedDiT:
     config: DiTConfig
     latent_scale: float  # multiply VAE latents by this before the DiT (0.18215 for SD-VAE); 1.0 in pixel space
     description: str
+
+
+def check_finite_weights(model: torch.nn.Module, where: str) -> None:
+    """Refuse weights holding NaN / inf (they would calibrate and sample garbage), naming the first such tensor."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{where}: tensor {name} holds {bad} NaN/inf value(s) of {t.numel()}; the weights are "
+                            "damaged")
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of all parameters (exact bytes), cheap next to sampling."""
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_dit(source: DiTSource) -> LoadedDiT:
@@ -154,7 +175,7 @@ def load_dit(source: DiTSource) -> LoadedDiT:
             raise type(exc)(f"{exc}; pass vae='none' to load the DiT without its VAE") from exc
     if vae is not None:
         if vae.config.latent_channels != config.in_channels:
-            raise ValueError(f"the VAE from {vae_where} has {vae.config.latent_channels} latent channels, but the "
+            raise UserError(f"the VAE from {vae_where} has {vae.config.latent_channels} latent channels, but the "
                              f"DiT takes in_channels={config.in_channels}; pass vae='none' for a pixel-space model")
         vae.eval().requires_grad_(False)
     latent_scale = float(vae.config.scaling_factor) if vae is not None else 1.0
@@ -165,6 +186,9 @@ def load_dit(source: DiTSource) -> LoadedDiT:
         description += f"; VAE from {vae_where} (latent scale {latent_scale:g})"
     elif config.in_channels == 4:
         description += "; no VAE (latents are not decoded)"
+    check_finite_weights(transformer, f"model.dit.source {source.source}")
+    if vae is not None:
+        check_finite_weights(vae, f"model.dit.vae {source.vae or source.source}")
     return LoadedDiT(transformer=transformer, vae=vae, config=config, latent_scale=latent_scale,
                      description=description)
 
@@ -189,16 +213,16 @@ def _classify(source: str) -> tuple[str, Optional[Path]]:
     if path.is_file():
         if path.suffix in CHECKPOINT_SUFFIXES:
             return "original", path
-        raise ValueError(f"{path}: not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a folder; for a diffusers "
+        raise UserError(f"{path}: not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a folder; for a diffusers "
                          f"model pass the folder holding config.json")
     if path.is_dir():
         if (path / "config.json").is_file():
             if not _has_weights(path):
-                raise ValueError(f"{path} has config.json but no weights ({_SAFETENSORS[0]} or {_BIN})")
+                raise UserError(f"{path} has config.json but no weights ({_SAFETENSORS[0]} or {_BIN})")
             return "model", path
         if (path / "transformer").is_dir() or (path / "model_index.json").is_file():
             return "pipeline", path
-        raise ValueError(f"{path} is neither a diffusers model folder (config.json + {_SAFETENSORS[0]}) nor a "
+        raise UserError(f"{path} is neither a diffusers model folder (config.json + {_SAFETENSORS[0]}) nor a "
                          f"DiTPipeline folder (transformer/, vae/, model_index.json)")
     if _looks_like_hub_id(source):
         return "hub", None
@@ -213,17 +237,17 @@ def _load_model_folder(cls, folder: Path):
     """A diffusers model of class ``cls`` from a local folder (safetensors, or .bin read with weights_only)."""
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{folder} is not a diffusers model folder: it has no config.json")
+        raise UserError(f"{folder} is not a diffusers model folder: it has no config.json")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{config_file}: cannot read config ({exc})") from exc
+        raise UserError(f"{config_file}: cannot read config ({exc})") from exc
     expected = _TRANSFORMER_CLASSES if cls is DiTTransformer2DModel else (cls.__name__,)
     found = config.get("_class_name", expected[0])
     if found not in expected:
-        raise ValueError(f"{folder} holds a {found}, not a {expected[0]}")
+        raise UserError(f"{folder} holds a {found}, not a {expected[0]}")
     if cls is DiTTransformer2DModel and config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
-        raise ValueError(f"{folder} holds a {found} with norm_type={config['norm_type']!r}; a DiT uses "
+        raise UserError(f"{folder} holds a {found} with norm_type={config['norm_type']!r}; a DiT uses "
                          f"'ada_norm_zero'")
     try:
         if any((folder / f).is_file() for f in _SAFETENSORS):
@@ -234,9 +258,9 @@ def _load_model_folder(cls, folder: Path):
             state = torch.load(folder / _BIN, map_location="cpu", weights_only=True)
             model.load_state_dict(state, strict=True)
         else:
-            raise ValueError(f"no weights ({_SAFETENSORS[0]} or {_BIN})")
+            raise UserError(f"no weights ({_SAFETENSORS[0]} or {_BIN})")
     except Exception as exc:  # shape mismatches, truncated files, refused pickles: name the folder
-        raise ValueError(f"{folder}: cannot load {expected[0]} ({exc})") from exc
+        raise UserError(f"{folder}: cannot load {expected[0]} ({exc})") from exc
     return model
 
 
@@ -255,7 +279,7 @@ def _from_pretrained(cls, name_or_path, **kwargs):
     problems = {k: v for k, v in problems.items() if v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {_few([str(x) for x in v])}" for k, v in problems.items())
-        raise ValueError(f"the weights do not match the config ({detail})")
+        raise UserError(f"the weights do not match the config ({detail})")
     return model
 
 
@@ -303,7 +327,7 @@ def _load_hub(cls, repo_id: str, subfolders: tuple[Optional[str], ...]):
             except (OSError, ValueError) as exc:  # not cached / no such file in the repo
                 last = exc
     places = " or ".join(f"{s}/" if s else "the repo root" for s in subfolders)
-    raise ValueError(f"hub model {repo_id!r} has no loadable {cls.__name__} in {places} ({last})")
+    raise UserError(f"hub model {repo_id!r} has no loadable {cls.__name__} in {places} ({last})")
 
 
 def _load_vae(spec: str) -> tuple[AutoencoderKL, str]:
@@ -313,7 +337,7 @@ def _load_vae(spec: str) -> tuple[AutoencoderKL, str]:
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         return _load_model_folder(AutoencoderKL, folder), str(folder)
     if path.exists():
-        raise ValueError(f"vae={spec!r} is a file; pass an AutoencoderKL folder (config.json + weights)")
+        raise UserError(f"vae={spec!r} is a file; pass an AutoencoderKL folder (config.json + weights)")
     if _looks_like_hub_id(spec):
         model, subfolder = _load_hub(AutoencoderKL, spec, (None, "vae"))
         return model, f"hub model {spec}" + (f" ({subfolder}/)" if subfolder else "")
@@ -330,11 +354,11 @@ def _check_against(config: DiTConfig, source: DiTSource, where: str) -> None:
         named = DiTConfig.named(source.name)
         for key in ("hidden_size", "depth", "num_heads", "patch_size"):
             if getattr(named, key) != getattr(config, key):
-                raise ValueError(f"{where}: name={source.name!r} means {key}={getattr(named, key)}, but the model "
+                raise UserError(f"{where}: name={source.name!r} means {key}={getattr(named, key)}, but the model "
                                  f"has {key}={getattr(config, key)}")
     for key, value in source.overrides().items():
         if getattr(config, key) != value:
-            raise ValueError(f"{where}: option {key}={value!r} disagrees with the model, which has "
+            raise UserError(f"{where}: option {key}={value!r} disagrees with the model, which has "
                              f"{key}={getattr(config, key)!r}")
 
 

@@ -30,6 +30,7 @@ import torch
 from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
+from ditquant.errors import UserError
 from ditquant.models.dit import DIT_SIZES, DiTConfig, build_dit
 
 PathLike = Union[str, Path]
@@ -60,13 +61,13 @@ def read_checkpoint(path: PathLike, use_ema: bool = True) -> StateDict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not path.is_file():
-        raise ValueError(f"{path} is not a file; an original DiT checkpoint is a .pt/.pth/.safetensors file")
+        raise UserError(f"{path} is not a file; an original DiT checkpoint is a .pt/.pth/.safetensors file")
     if path.suffix == ".safetensors":
         obj = _read_safetensors(path)
     elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
         obj = _read_torch(path)
     else:
-        raise ValueError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected one of "
+        raise UserError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected one of "
                          f"{', '.join(CHECKPOINT_SUFFIXES)}")
     state = _select_weights(obj, path, use_ema)
     return _strip_prefixes(state)
@@ -78,7 +79,7 @@ def _read_safetensors(path: Path) -> StateDict:
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error type for truncated/corrupt headers
-        raise ValueError(f"{path}: cannot read checkpoint ({exc})") from exc
+        raise UserError(f"{path}: cannot read checkpoint ({exc})") from exc
 
 
 def _read_torch(path: Path):
@@ -91,15 +92,15 @@ def _read_torch(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" not in str(exc).lower():
-            raise ValueError(f"{path}: cannot read checkpoint ({exc})") from exc
+            raise UserError(f"{path}: cannot read checkpoint ({exc})") from exc
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f"it needs {found.group(1)}" if found else "it holds Python objects other than tensors"
-        raise ValueError(
+        raise UserError(
             f"{path}: refused to unpickle ({what}): checkpoints are only read with torch.load(weights_only=True), "
             f"so that loading never runs code. Where you trust the file, re-save just the weights, e.g. "
             f"torch.save(ckpt['ema'], 'weights.pt'), or convert them to .safetensors") from exc
     except Exception as exc:  # truncated zip archives, bad magic numbers, ...
-        raise ValueError(f"{path}: cannot read checkpoint ({exc})") from exc
+        raise UserError(f"{path}: cannot read checkpoint ({exc})") from exc
 
 
 def _is_state_dict(obj) -> bool:
@@ -111,17 +112,17 @@ def _select_weights(obj, path: Path, use_ema: bool) -> StateDict:
     if _is_state_dict(obj):
         return dict(obj)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict or a dict with 'model'/'ema', found {type(obj).__name__}")
+        raise UserError(f"{path}: expected a state dict or a dict with 'model'/'ema', found {type(obj).__name__}")
     wanted, other = ("ema", "model") if use_ema else ("model", "ema")
     if wanted in obj:
         if not _is_state_dict(obj[wanted]):
-            raise ValueError(f"{path}: entry {wanted!r} is not a state dict of tensors")
+            raise UserError(f"{path}: entry {wanted!r} is not a state dict of tensors")
         return dict(obj[wanted])
     keys = ", ".join(repr(k) for k in list(obj)[:8])
     if other in obj:
         flag = "use_ema=False" if use_ema else "use_ema=True"
-        raise ValueError(f"{path} has no {wanted!r} weights (top-level keys: {keys}); pass {flag} to load {other!r}")
-    raise ValueError(f"{path}: found neither a state dict nor 'model'/'ema' entries (top-level keys: {keys})")
+        raise UserError(f"{path} has no {wanted!r} weights (top-level keys: {keys}); pass {flag} to load {other!r}")
+    raise UserError(f"{path}: found neither a state dict nor 'model'/'ema' entries (top-level keys: {keys})")
 
 
 def _strip_prefixes(state: StateDict) -> StateDict:
@@ -148,7 +149,7 @@ def _check_required(state: Mapping[str, torch.Tensor]) -> None:
     hint = ""
     if any(k.startswith("transformer_blocks.") for k in state):
         hint = " It looks like a diffusers state dict: pass the diffusers model folder instead."
-    raise ValueError(f"not an original DiT state dict: missing keys {_few(missing)} "
+    raise UserError(f"not an original DiT state dict: missing keys {_few(missing)} "
                      f"(found keys like {_few(state, 4)}).{hint}")
 
 
@@ -161,31 +162,31 @@ def infer_config(state: Mapping[str, torch.Tensor], name: Optional[str] = None, 
     """
     unknown = set(overrides) - set(OVERRIDABLE)
     if unknown:
-        raise ValueError(f"unknown option(s) {_few(unknown)}; known: {', '.join(OVERRIDABLE)}")
+        raise UserError(f"unknown option(s) {_few(unknown)}; known: {', '.join(OVERRIDABLE)}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     _check_required(state)
 
     hidden, in_channels, patch, patch_w = state["x_embedder.proj.weight"].shape  # (D, C, p, p)
     if patch != patch_w:
-        raise ValueError(f"x_embedder.proj.weight has non-square patches {patch}x{patch_w}")
+        raise UserError(f"x_embedder.proj.weight has non-square patches {patch}x{patch_w}")
     pos = state["pos_embed"]
     if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != hidden:
-        raise ValueError(f"pos_embed has shape {tuple(pos.shape)}; expected (1, T, {hidden})")
+        raise UserError(f"pos_embed has shape {tuple(pos.shape)}; expected (1, T, {hidden})")
     grid = math.isqrt(pos.shape[1])
     if grid * grid != pos.shape[1]:
-        raise ValueError(f"pos_embed has {pos.shape[1]} tokens, not a square grid")
+        raise UserError(f"pos_embed has {pos.shape[1]} tokens, not a square grid")
     out_rows = state["final_layer.linear.weight"].shape[0]  # p * p * out_channels
     if out_rows == patch * patch * 2 * in_channels:
         learn_sigma = True
     elif out_rows == patch * patch * in_channels:
         learn_sigma = False
     else:
-        raise ValueError(f"final_layer.linear.weight has {out_rows} rows; expected {patch}*{patch}*{in_channels} "
+        raise UserError(f"final_layer.linear.weight has {out_rows} rows; expected {patch}*{patch}*{in_channels} "
                          f"(eps only) or twice that (learned sigma)")
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()),
                     default=-1)
     if depth == 0:
-        raise ValueError("the state dict has no 'blocks.N.*' keys")
+        raise UserError("the state dict has no 'blocks.N.*' keys")
     dropout = overrides.get("class_dropout_prob", 0.1)
     # The label table has a null-label row for classifier-free guidance whenever labels were dropped in training.
     num_classes = state["y_embedder.embedding_table.weight"].shape[0] - (1 if dropout > 0 else 0)
@@ -196,22 +197,22 @@ def infer_config(state: Mapping[str, torch.Tensor], name: Optional[str] = None, 
         named = DiTConfig.named(name)
         for key in ("hidden_size", "depth", "patch_size"):
             if getattr(named, key) != found[key]:
-                raise ValueError(f"name={name!r} means {key}={getattr(named, key)}, but the weights have "
+                raise UserError(f"name={name!r} means {key}={getattr(named, key)}, but the weights have "
                                  f"{key}={found[key]}")
         heads = named.num_heads
         if overrides.get("num_heads", heads) != heads:
-            raise ValueError(f"num_heads={overrides['num_heads']} disagrees with name={name!r} "
+            raise UserError(f"num_heads={overrides['num_heads']} disagrees with name={name!r} "
                              f"(which has {heads} heads)")
     elif "num_heads" in overrides:
         heads = overrides["num_heads"]
     elif found["hidden_size"] in HEADS_BY_HIDDEN:
         heads = HEADS_BY_HIDDEN[found["hidden_size"]]
     else:
-        raise ValueError(f"cannot tell the number of attention heads of a DiT with hidden size {hidden} (heads are not "
+        raise UserError(f"cannot tell the number of attention heads of a DiT with hidden size {hidden} (heads are not "
                          f"stored in the weights, and no named DiT size has this width); pass num_heads=...")
     for key, value in overrides.items():
         if key in found and value != found[key]:
-            raise ValueError(f"option {key}={value!r} disagrees with the weights, which have {key}={found[key]!r}")
+            raise UserError(f"option {key}={value!r} disagrees with the weights, which have {key}={found[key]!r}")
     return DiTConfig(num_heads=int(heads), class_dropout_prob=dropout, **found)
 
 
@@ -254,12 +255,12 @@ def check_original_state_dict(state: Mapping[str, torch.Tensor], config: DiTConf
     if missing or extra:
         parts = ([f"missing keys: {_few(missing)}"] if missing else []) + \
                 ([f"unexpected keys: {_few(extra)}"] if extra else [])
-        raise ValueError(f"state dict does not match an original DiT with depth={config.depth}, "
+        raise UserError(f"state dict does not match an original DiT with depth={config.depth}, "
                          f"hidden_size={config.hidden_size}: {'; '.join(parts)}")
     wrong = [k for k, shape in expected.items() if tuple(state[k].shape) != shape]
     if wrong:
         detail = ", ".join(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}" for k in sorted(wrong)[:5])
-        raise ValueError(f"shape mismatch in {len(wrong)} tensor(s): {detail}")
+        raise UserError(f"shape mismatch in {len(wrong)} tensor(s): {detail}")
 
 
 def convert_original_state_dict(state: Mapping[str, torch.Tensor], config: DiTConfig,
@@ -320,10 +321,10 @@ def _check_pos_embed(table: torch.Tensor, config: DiTConfig) -> None:
     expected = get_2d_sincos_pos_embed(config.hidden_size, grid, base_size=grid, interpolation_scale=1.0,
                                        output_type="pt").float()[None]  # (1, T, D)
     if expected.shape != table.shape:
-        raise ValueError(f"pos_embed has shape {tuple(table.shape)}, diffusers expects {tuple(expected.shape)}")
+        raise UserError(f"pos_embed has shape {tuple(table.shape)}, diffusers expects {tuple(expected.shape)}")
     err = (expected - table).abs().max().item()
     if err > 1e-4:
-        raise ValueError(f"pos_embed is not DiT's fixed 2D sin-cos table (max difference {err:.3g}); diffusers "
+        raise UserError(f"pos_embed is not DiT's fixed 2D sin-cos table (max difference {err:.3g}); diffusers "
                          f"recomputes that table whenever a model is built, so these weights cannot be represented")
 
 
@@ -376,4 +377,4 @@ def load_original_checkpoint(path: PathLike, name: Optional[str] = None, use_ema
         # The state was read for this model alone: its tensors become the parameters, no copy.
         return original_to_diffusers(state, config, original_numerics=original_numerics, copy=False)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        raise UserError(f"{path}: {exc}") from exc

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.quant.spec import QuantSpec
 
 ZETA, GAMMA = 1.1, -0.1
@@ -81,7 +82,7 @@ class RoundingSchedule:
 
     def __post_init__(self):
         if self.iterations < 1 or not 0 <= self.warmup < 1:
-            raise ValueError(f"rounding schedule needs iterations >= 1 and warmup in [0, 1), got {self.iterations}, "
+            raise UserError(f"rounding schedule needs iterations >= 1 and warmup in [0, 1), got {self.iterations}, "
                              f"{self.warmup}")
 
     def at(self, step: int) -> tuple[float, float]:

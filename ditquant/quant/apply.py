@@ -6,6 +6,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.models.layout import layers_by_role, role_of
 from ditquant.quant.attention import QuantAttnProcessor, quantize_attention
 from ditquant.quant.config import QuantConfig
@@ -16,7 +17,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = T
     """Replace every Linear/Conv2d of the configured roles by a QuantLayer (in place; weights initialised RTN unless
     ``init_weights`` is false: a skeleton whose state is loaded afterwards)."""
     if any(True for _ in quant_layers(model)):
-        raise ValueError("model is already quantized")
+        raise UserError("model is already quantized")
     layers = layers_by_role(model, config.roles)
     check_layer_group_sizes(config, layers)
     for name, layer in layers.items():
@@ -24,7 +25,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = T
         try:
             wrapped = QuantLayer(layer, weight_spec, input_spec, name=name)
         except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            raise UserError(f"{name}: {e}") from None
         if init_weights:
             wrapped.init_weight_quantizer()
         parent_name, _, child = name.rpartition(".")
@@ -38,11 +39,11 @@ def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module]) -
     """Every per-layer group size names a quantized layer with a group-wise spec."""
     unknown = sorted(set(config.layer_group_sizes) - set(layers))
     if unknown:
-        raise ValueError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
+        raise UserError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
                          f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {config.roles})")
     for name in config.layer_group_sizes:
         if all(s.granularity != "group" for s in config.specs_for(role_of(name))):
-            raise ValueError(f"quant.layer_group_sizes: {name} has neither a group-wise weight nor a group-wise "
+            raise UserError(f"quant.layer_group_sizes: {name} has neither a group-wise weight nor a group-wise "
                              "input spec (granularity 'group'), so a group size means nothing for it")
 
 
@@ -56,7 +57,7 @@ def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
         if (weight_spec, input_spec) == (q.weight_quantizer.spec, q.input_quantizer.spec):
             continue
         if q.frozen_weight:
-            raise ValueError(f"{q.name}: its weight is already fixed (codes or low-rank branch); group sizes must "
+            raise UserError(f"{q.name}: its weight is already fixed (codes or low-rank branch); group sizes must "
                              "be chosen before GPTQ, LoRA or reconstruction")
         q.set_specs(weight_spec, input_spec)
         changed.append(q.name)
@@ -67,11 +68,11 @@ def quantization_table(model: nn.Module) -> Table:
     """A rich table: per role, how many layers, and their weight / activation specs."""
     rows: dict[tuple[str, str, str], int] = {}
     for m in quant_layers(model):
-        key = (role_of(m.name) or "?", m.weight_quantizer.spec.describe(), m.input_quantizer.spec.describe())
+        key = (role_of(m.name) or "?", m.weight_quantizer.spec.label("w"), m.input_quantizer.spec.label("a"))
         rows[key] = rows.get(key, 0) + 1
     attention = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
     if attention:
-        rows[("attention matmuls", "-", attention[0].query_quantizer.spec.describe())] = len(attention)
+        rows[("attention matmuls", "-", attention[0].query_quantizer.spec.label("a"))] = len(attention)
     table = Table(title="Quantized layers")
     for col in ("role", "layers", "weights", "activations"):
         table.add_column(col)

@@ -15,7 +15,8 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ditquant.io import atomic_write
+from ditquant.errors import UserError
+from ditquant.io import atomic_write, check_same, committed_folder, verify_folder
 from ditquant.quant.config import quant_config_from_dict
 
 FORMAT = "ditquant-quantized/1"
@@ -28,12 +29,12 @@ def _describe(source, quant) -> dict:
 
 def save_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> Path:
     """Write the model state and its description atomically into ``folder``."""
-    folder = Path(folder)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_write(folder / WEIGHTS) as tmp:
-        save_file(state, str(tmp))
-    with atomic_write(folder / META) as tmp:
-        tmp.write_text(yaml.safe_dump(_describe(source, quant), sort_keys=False))
+    with committed_folder(folder, (WEIGHTS, META)) as folder:
+        with atomic_write(folder / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        with atomic_write(folder / META) as tmp:
+            tmp.write_text(yaml.safe_dump(_describe(source, quant), sort_keys=False))
     return folder
 
 
@@ -54,17 +55,18 @@ def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
         if not p.is_file():
             raise FileNotFoundError(f"model.load_quantized: {p} does not exist (expected a folder written by "
                                     "`ditquant fit`, e.g. runs/<name>/quantized)")
+    verify_folder(folder, (WEIGHTS, META), "model.load_quantized")
     meta = yaml.safe_load(meta_path.read_text())
     expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant), sort_keys=False))
-    for key in ("format", "dit", "quant"):
-        if meta.get(key) != expected[key]:
-            raise ValueError(f"{meta_path}: made for a different {key}\n  file:   {meta.get(key)}\n"
-                             f"  config: {expected[key]}")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path}: not a ditquant calibrated model (format {meta.get('format')!r})")
+    check_same({"dit": meta.get("dit"), "quant": meta.get("quant")}, {"dit": expected["dit"], "quant": expected["quant"]},
+               f"{meta_path}", prefix="model.")
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights_path}: cannot read ({e})") from None
+        raise UserError(f"{weights_path}: cannot read ({e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{weights_path} does not match the model: {str(e)[:500]}") from None
+        raise UserError(f"{weights_path} does not match the model: {str(e)[:500]}") from None

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.quant.quantizer import UniformQuantizer
 from ditquant.quant.spec import QuantSpec
 
@@ -25,14 +26,14 @@ class QuantAttnProcessor(nn.Module):
     def __init__(self, spec: QuantSpec):
         super().__init__()
         if spec.granularity != "tensor":
-            raise ValueError(f"attention operands support per-tensor quantization only, got {spec.granularity!r}")
+            raise UserError(f"attention operands support per-tensor quantization only, got {spec.granularity!r}")
         for operand in OPERANDS:
             setattr(self, f"{operand}_quantizer", UniformQuantizer(spec, is_weight=False))
 
     def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                 temb=None, **kwargs) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("quantized attention supports DiT self-attention only (no cross-attention or mask)")
+            raise UserError("quantized attention supports DiT self-attention only (no cross-attention or mask)")
         batch, tokens, _ = hidden_states.shape
         heads = attn.heads
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from ditquant.errors import UserError
 from ditquant.models.layout import ROLES
 from ditquant.quant.spec import QuantSpec
 
@@ -54,17 +55,17 @@ class QuantConfig:
         for where, roles in [("quant.roles", self.roles)] + [("quant.overrides.roles", o.roles) for o in self.overrides]:
             unknown = sorted(set(roles) - set(ROLES))
             if unknown:
-                raise ValueError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
+                raise UserError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
         if self.weight.granularity in ("token", "sample"):
-            raise ValueError(f"quant.weight.granularity {self.weight.granularity!r} is for activations; use "
+            raise UserError(f"quant.weight.granularity {self.weight.granularity!r} is for activations; use "
                              "'channel', 'group' or 'column_group'")
         if self.activation.granularity in ("channel", "column_group"):
-            raise ValueError(f"quant.activation.granularity {self.activation.granularity!r} is for weights; use "
+            raise UserError(f"quant.activation.granularity {self.activation.granularity!r} is for weights; use "
                              "'tensor', 'token', 'sample' or 'group'")
 
         bad = {name: g for name, g in self.layer_group_sizes.items() if not isinstance(g, int) or g < 1}
         if bad:
-            raise ValueError(f"quant.layer_group_sizes: group sizes must be positive integers, got {bad}")
+            raise UserError(f"quant.layer_group_sizes: group sizes must be positive integers, got {bad}")
 
     def specs_for(self, role: str, name: str = "") -> tuple[QuantSpec, QuantSpec]:
         """The weight and input specs of the layer ``name`` of ``role`` (overrides, then per-layer group sizes)."""

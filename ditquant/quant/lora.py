@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ditquant.errors import UserError
+
 
 @dataclass
 class LowRankQuantized:
@@ -27,7 +29,7 @@ class LowRankQuantized:
 def check_rank(rank: int, weight: torch.Tensor, where: str = "lora") -> None:
     limit = min(weight.shape[0], weight[0].numel())
     if not 1 <= rank <= limit:
-        raise ValueError(f"{where}: rank must be between 1 and min(out, in) = {limit} for a {tuple(weight.shape)} "
+        raise UserError(f"{where}: rank must be between 1 and min(out, in) = {limit} for a {tuple(weight.shape)} "
                          f"weight, got {rank}")
 
 
@@ -40,7 +42,7 @@ def low_rank_quantize(weight: torch.Tensor, quantize: Callable[[torch.Tensor], t
     """
     check_rank(rank, weight)
     if iterations < 1:
-        raise ValueError(f"lora: iterations must be >= 1, got {iterations}")
+        raise UserError(f"lora: iterations must be >= 1, got {iterations}")
     w = weight.detach().reshape(weight.shape[0], -1).double()
     low_rank = torch.zeros_like(w)
     best, errors = None, []

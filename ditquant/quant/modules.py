@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.quant.adaround import AdaRoundWeight
 from ditquant.quant.affine import integer_codes
 from ditquant.quant.lora import low_rank_quantize
@@ -22,11 +23,11 @@ def _scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tupl
         return (weight.shape[0], 1)
     if spec.granularity == "column_group" and is_weight:
         if weight.shape[0] % spec.group_size:
-            raise ValueError(f"column group size {spec.group_size} does not divide out_features={weight.shape[0]}")
+            raise UserError(f"column group size {spec.group_size} does not divide out_features={weight.shape[0]}")
         return (weight.shape[0] * fan_in // spec.group_size, 1)
     if spec.granularity == "group":
         if fan_in % spec.group_size:
-            raise ValueError(f"group size {spec.group_size} does not divide in_features={fan_in}")
+            raise UserError(f"group size {spec.group_size} does not divide in_features={fan_in}")
         return ((weight.shape[0], fan_in // spec.group_size, 1) if is_weight else (fan_in // spec.group_size, 1))
     return (1, 1)
 
@@ -43,7 +44,7 @@ class QuantLayer(nn.Module):
     def __init__(self, layer: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec, name: str = ""):
         super().__init__()
         if isinstance(layer, nn.Conv2d) and input_spec.enabled and input_spec.granularity not in ("tensor",):
-            raise ValueError(f"{name}: convolution inputs support only per-tensor activation quantization")
+            raise UserError(f"{name}: convolution inputs support only per-tensor activation quantization")
         self.name = name
         self.layer = layer
         self._make_quantizers(weight_spec, input_spec)
@@ -102,7 +103,7 @@ class QuantLayer(nn.Module):
     def compensate_low_rank(self, rank: int, iterations: int) -> list[float]:
         """DiTAS's training-free LoRA: codes of Q(W − L·R) and the FP branch L·R; returns the error per iterate."""
         if not isinstance(self.layer, nn.Linear) or not self.learns_rounding:
-            raise ValueError(f"{self.name}: low-rank compensation needs a Linear with a static weight quantizer")
+            raise UserError(f"{self.name}: low-rank compensation needs a Linear with a static weight quantizer")
         q = self.weight_quantizer
 
         def quantize(w: torch.Tensor) -> torch.Tensor:  # explicit parameters: works while quantizers are bypassed
@@ -168,7 +169,7 @@ class QuantLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"{self.name}: W {self.weight_quantizer.spec.describe()}, A {self.input_quantizer.spec.describe()}"
+        return f"{self.name}: W {self.weight_quantizer.spec.label('w')}, A {self.input_quantizer.spec.label('a')}"
 
 
 def fp_layer(module: nn.Module) -> nn.Module:

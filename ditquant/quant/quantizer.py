@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.quant.affine import fake_quantize, qparams_from_range
 from ditquant.quant.observers import search_range
 from ditquant.quant.spec import QuantSpec
@@ -25,25 +26,25 @@ def grouped(x: torch.Tensor, spec: QuantSpec, is_weight: bool) -> torch.Tensor:
         return x.reshape(1, -1)
     if spec.granularity == "channel":
         if not is_weight:
-            raise ValueError("granularity 'channel' is for weights; use 'tensor', 'token' or 'group' for activations")
+            raise UserError("granularity 'channel' is for weights; use 'tensor', 'token' or 'group' for activations")
         return x.reshape(x.shape[0], -1)
     if spec.granularity == "token":
         return x
     if spec.granularity == "column_group":
         if not is_weight:
-            raise ValueError("granularity 'column_group' is for weights; use 'group' for activations")
+            raise UserError("granularity 'column_group' is for weights; use 'group' for activations")
         w = x.reshape(x.shape[0], -1)
         if w.shape[0] % spec.group_size:
-            raise ValueError(f"column group size {spec.group_size} does not divide the {w.shape[0]} output channels")
+            raise UserError(f"column group size {spec.group_size} does not divide the {w.shape[0]} output channels")
         # Row-major (g, O·I/g): column j holds W[r + k·O/g, c] for k < g; transposed so the last dim is the group.
         return w.reshape(spec.group_size, -1).t()
     if spec.granularity == "sample":
         if is_weight:
-            raise ValueError("granularity 'sample' is for activations; use 'channel' or 'group' for weights")
+            raise UserError("granularity 'sample' is for activations; use 'channel' or 'group' for weights")
         return x.reshape(x.shape[0], -1)
     n = x.shape[-1] if not is_weight else x.reshape(x.shape[0], -1).shape[1]
     if n % spec.group_size:
-        raise ValueError(f"group size {spec.group_size} does not divide the {n} input channels")
+        raise UserError(f"group size {spec.group_size} does not divide the {n} input channels")
     base = x.reshape(x.shape[0], -1) if is_weight else x
     return base.reshape(*base.shape[:-1], n // spec.group_size, spec.group_size)
 
@@ -148,4 +149,4 @@ class UniformQuantizer(nn.Module):
         return quantize_tensor(x, self.spec, self.is_weight, self.scale, self.zero_point)
 
     def extra_repr(self) -> str:
-        return self.spec.describe()
+        return self.spec.label("w" if self.is_weight else "a")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from ditquant.errors import UserError
+
 Granularity = Literal["tensor", "channel", "group", "column_group", "token", "sample"]
 GRANULARITIES = ("tensor", "channel", "group", "column_group", "token", "sample")
 GROUPED = ("group", "column_group")  # the granularities that take a group_size
@@ -43,25 +45,25 @@ class QuantSpec:
 
     def __post_init__(self):
         if not (2 <= self.bits <= 8 or self.bits == 16):
-            raise ValueError(f"bits must be between 2 and 8 (or 16 = off), got {self.bits}")
+            raise UserError(f"bits: {self.bits} is not one of 2–8 or 16 (16 = not quantized)")
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+            raise UserError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if (self.granularity in GROUPED) != (self.group_size is not None):
-            raise ValueError(f"group_size is required with granularity {' or '.join(map(repr, GROUPED))} and only "
+            raise UserError(f"group_size is required with granularity {' or '.join(map(repr, GROUPED))} and only "
                              "allowed with them "
                              f"(granularity={self.granularity!r}, group_size={self.group_size})")
         if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
+            raise UserError(f"group_size must be positive, got {self.group_size}")
         if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+            raise UserError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0.5 < self.percentile <= 1.0:
-            raise ValueError(f"percentile must be in (0.5, 1], got {self.percentile}")
+            raise UserError(f"percentile must be in (0.5, 1], got {self.percentile}")
         if self.lp <= 0:
-            raise ValueError(f"lp must be positive, got {self.lp}")
+            raise UserError(f"lp must be positive, got {self.lp}")
         if self.granularity == "token" and not self.dynamic:
-            raise ValueError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
+            raise UserError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
         if self.granularity == "sample" and not self.dynamic:
-            raise ValueError("granularity 'sample' needs dynamic: true (a static range is shared by every sample; "
+            raise UserError("granularity 'sample' needs dynamic: true (a static range is shared by every sample; "
                              "use 'tensor')")
 
     @property
@@ -76,9 +78,12 @@ class QuantSpec:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
 
-    def describe(self) -> str:
+    def label(self, role: str) -> str:
+        """What the spec does, for tables and logs: ``w4 asym per-channel``, ``a8 asym per-tensor static minmax``
+        (``role``: ``w`` for weights, ``a`` for activations)."""
         if not self.enabled:
-            return "fp"
-        gran = f"{self.granularity}{self.group_size}" if self.granularity in GROUPED else self.granularity
-        kind = "dyn" if self.dynamic else f"static {self.init}"
-        return f"{'s' if self.symmetric else 'a'}{self.bits} {gran} {kind}"
+            return f"{role}16 (fp)"
+        gran = (f"per-{self.granularity.replace('_', '-')}{self.group_size}" if self.granularity in GROUPED
+                else f"per-{self.granularity}")
+        kind = "" if role == "w" else (" dynamic" if self.dynamic else f" static {self.init}")
+        return f"{role}{self.bits} {'sym' if self.symmetric else 'asym'} {gran}{kind}"

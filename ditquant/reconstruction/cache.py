@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ditquant.errors import UserError
+
 
 def _storage_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.is_floating_point() else t.dtype
@@ -44,7 +46,7 @@ class UnitCache:
             self.tensors = {name: torch.empty(s, dtype=dtypes[name]) for name, s in shapes.items()}
             return
         if self.spill_dir is None:
-            raise ValueError(f"reconstruction cache needs {total / 2**30:.2f} GiB, over cache_memory_gb, and no "
+            raise UserError(f"reconstruction cache needs {total / 2**30:.2f} GiB, over cache_memory_gb, and no "
                              f"cache_dir to spill to")
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.tensors = {name: np.lib.format.open_memmap(self.spill_dir / f"{name}.npy", mode="w+",
@@ -58,10 +60,10 @@ class UnitCache:
             self._allocate(rows)
         n = next(iter(rows.values())).shape[0]
         if self.filled + n > self.num_rows:
-            raise ValueError(f"cache overflow: {self.filled + n} rows written into {self.num_rows}")
+            raise UserError(f"cache overflow: {self.filled + n} rows written into {self.num_rows}")
         for name, t in rows.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"non-finite values (NaN/inf) in the reconstruction data ({name}); the calibration "
+                raise UserError(f"non-finite values (NaN/inf) in the reconstruction data ({name}); the calibration "
                                  "set or the model produces them")
             dst = self.tensors[name]
             value = t.detach().to(_storage_dtype(t)).cpu()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from ditquant.errors import UserError
+
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
@@ -52,15 +54,15 @@ class ReconstructionConfig:
 
     def __post_init__(self):
         if self.mode not in ("joint", "sequential"):
-            raise ValueError(f"reconstruction.mode must be 'joint' or 'sequential', got {self.mode!r}")
+            raise UserError(f"reconstruction.mode must be 'joint' or 'sequential', got {self.mode!r}")
         for name in ("iterations", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"reconstruction.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"reconstruction.{name} must be >= 1, got {getattr(self, name)}")
         if self.activation_iterations is not None and self.activation_iterations < 0:
-            raise ValueError(f"reconstruction.activation_iterations must be >= 0, got {self.activation_iterations}")
+            raise UserError(f"reconstruction.activation_iterations must be >= 0, got {self.activation_iterations}")
         if self.weight_lr <= 0 or self.activation_lr <= 0:
-            raise ValueError("reconstruction.weight_lr and activation_lr must be positive")
+            raise UserError("reconstruction.weight_lr and activation_lr must be positive")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"reconstruction.warmup must be in [0, 1), got {self.warmup}")
+            raise UserError(f"reconstruction.warmup must be in [0, 1), got {self.warmup}")
         if self.cache_memory_gb < 0:
-            raise ValueError(f"reconstruction.cache_memory_gb must be >= 0, got {self.cache_memory_gb}")
+            raise UserError(f"reconstruction.cache_memory_gb must be >= 0, got {self.cache_memory_gb}")

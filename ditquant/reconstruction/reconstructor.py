@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ditquant import interrupt
 from ditquant.calibration.dataset import collate_pairs
+from ditquant.errors import UserError
 from ditquant.models.layout import reconstruction_units
 from ditquant.quant.adaround import RoundingSchedule
 from ditquant.quant.modules import activation_quantizers, activations_unquantized, quant_disabled, quant_layers
@@ -150,6 +152,10 @@ class BlockReconstructor:
         if active.steps:  # cosine annealing of the activation step-size learning rate, to 0 at the stage's end
             active.optimizer.param_groups[-1]["lr"] = (
                 self.config.activation_lr * 0.5 * (1 + math.cos(math.pi * k / stage.iterations)))
+        if not torch.isfinite(loss):
+            raise UserError(f"reconstruction of {stage.unit} (stage {index + 1} of {len(self.stages)}, iteration "
+                            f"{k}): the loss is {loss.item()} (reconstruction term {rec.item()}); the model or its "
+                            "calibration data produce non-finite values")
         active.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         active.optimizer.step()
@@ -219,6 +225,7 @@ class BlockReconstructor:
         spill = self.spill_dir / f"stage{active.index:03d}" if self.spill_dir is not None else None
         active.cache = UnitCache(num_rows, int(self.config.cache_memory_gb * 2**30), spill)
         for batch in loader:
+            interrupt.check()
             x, t, y = (batch[k].to(self._device) for k in ("x", "t", "y"))
 
             def forward():

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditquant.errors import UserError
+
 DEFAULT_ROOT = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -21,7 +23,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     if int.from_bytes(data[:4], "big") != magic:
-        raise ValueError(f"{path} is not an idx file (bad magic number)")
+        raise UserError(f"{path} is not an idx file (bad magic number)")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -30,7 +32,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 def load_fashion_mnist(split: str = "train", root: Path = DEFAULT_ROOT) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as float (N, 1, 28, 28) in [-1, 1] and labels as int64 (N,)."""
     if split not in _FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise UserError(f"split must be 'train' or 'test', got {split!r}")
     images_file, labels_file = _FILES[split]
     images = _read_idx(Path(root) / images_file, 0x00000803)
     labels = _read_idx(Path(root) / labels_file, 0x00000801)
