@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -87,35 +85,3 @@ class FitCheckpoint(ModelCheckpoint):
             interrupt.check()
         if limited:
             raise StoppedEarly(progress["where"])
-
-
-class ProgressLines(L.Callback):
-    """Where the fit stands, as a plain log line every ``every_s`` seconds, for runs without a terminal (a batch
-    job's log); on a terminal the progress bar shows the same."""
-
-    def __init__(self, every_s: float = 30.0):
-        self.every_s = every_s
-        self._last = 0.0
-        self._started = 0.0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._started = self._last = time.monotonic()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if sys.stderr.isatty() and trainer.progress_bar_callback is not None:
-            return
-        now = time.monotonic()
-        if now - self._last < self.every_s:
-            return
-        self._last = now
-        p = pl_module.progress()
-        done, total = p["step"], p["total"]
-        left = (now - self._started) / max(done - p["start_step"], 1) * (total - done)
-        loss = trainer.callback_metrics.get("loss")
-        log.info("fit step %d/%d, %s%s, about %s left", done, total, p["where"],
-                 f", loss {float(loss):.4g}" if loss is not None else "", _duration(left))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

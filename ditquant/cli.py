@@ -19,7 +19,6 @@ import re
 import shlex
 import sys
 import typing
-import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -27,9 +26,9 @@ from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ditquant import interrupt
+from ditquant import console, interrupt
 from ditquant.calibration.datamodule import CalibrationData
-from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint, ProgressLines
+from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
 from ditquant.errors import Interrupted, StoppedEarly, UserError
 from ditquant.io import InputPath, atomic_write, check_writable_dir, resolve_input_path
 from ditquant.methods.callbacks import Preprocessing
@@ -40,13 +39,6 @@ EXIT_INCOMPLETE = 3
 
 # A relative path inside a YAML (model source, VAE, a saved model) is looked up next to that YAML first.
 register_type(InputPath, str, resolve_input_path)
-
-# Third-party chatter that says nothing about this run (shown with --verbose).
-_NOISE = [r".*litlogger.*", r".*tensorboardX.*", r".*LeafSpec.*", r".*configure_optimizers.*returned.*None.*",
-          r"Found \d+ module\(s\) in eval mode.*", r".*does not have many workers.*", r".*num_workers.*",
-          r".*`training_step` returned `None`.*", r".*GPU available but not used.*", r".*ckpt_path.*",
-          r".*dirpath has changed.*", r".*Checkpoint directory .* exists and is not empty.*"]
-
 
 class DitQuantCLI(LightningCLI):
     @staticmethod
@@ -82,6 +74,15 @@ class DitQuantCLI(LightningCLI):
         if self.subcommand == "fit":
             check_writable_dir(Path(config.data.cache_dir), "data.cache_dir")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # A rich bar on a terminal; periodic log lines in a batch job's log (a bar there is a wall of escapes).
+        if config.get("enable_progress_bar") is not False and console.on_terminal():  # None: Trainer default
+            callbacks = [*callbacks, console.FitProgressBar()]
+        else:
+            config = {**config, "enable_progress_bar": False}
+            callbacks = [*callbacks, console.ProgressLines()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -100,7 +101,7 @@ class DitQuantCLI(LightningCLI):
             if not config.get("overwrite"):
                 raise UserError(f"{self.trainer.default_root_dir} already holds a fit checkpoint ({last}): resume it "
                                 "with --ckpt_path last, or start over with --overwrite true")
-            self.model.discard_previous_run()
+            last.unlink()  # --overwrite: this fit replaces the folder's checkpoint (and, at its start, quantized/)
         # Pre-processing options that cannot fit this model fail now, not after the calibration set is recorded.
         self.model.configure_model()
         for cb in self.trainer.callbacks:
@@ -205,19 +206,6 @@ def _resume_command() -> str:
     return "ditquant " + shlex.join(args)
 
 
-def _quiet(verbose: bool) -> None:
-    """Hide third-party tips and deprecation warnings unless asked for."""
-    if verbose:
-        return
-    for pattern in _NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 _argv: list[str] = []  # the running command's arguments, for the resume hint
 
 
@@ -227,7 +215,8 @@ def main(args=None) -> None:
     verbose = "--verbose" in argv  # ditquant's own flag, anywhere: third-party tips and warnings are shown
     argv = _argv = [a for a in argv if a != "--verbose"]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet(verbose)
+    if not verbose:
+        console.quiet()
     if argv[:1] == ["export"]:  # not a Trainer method: its own small parser
         from ditquant.integer import command
 
@@ -236,8 +225,7 @@ def main(args=None) -> None:
     _run(lambda: DitQuantCLI(
         DiTQuantization, CalibrationData, seed_everything_default=0, args=argv,
         trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0,
-                          "enable_model_summary": False, "logger": False,
-                          "callbacks": [ProgressLines()]},
+                          "enable_model_summary": False, "logger": False},
         save_config_kwargs={"overwrite": True}), argv[0] if argv else "")
 
 

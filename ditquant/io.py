@@ -35,6 +35,14 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete the ``*.tmp`` files ``atomic_write`` leaves when a write is SIGKILLed (any other stop cleans up)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

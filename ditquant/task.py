@@ -31,7 +31,7 @@ from ditquant.integer.convert import to_integer
 from ditquant.integer.export import load_integer as load_integer_model
 from ditquant.methods.callbacks import Preprocessing
 from ditquant.models.dit import DiTConfig
-from ditquant.io import InputPath, check_same
+from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_temporaries
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
 from ditquant.quant.apply import (apply_group_sizes, quantization_table, quantize_model, uncalibrated_layers,
                                   weight_sqnr_db)
@@ -168,6 +168,7 @@ class DiTQuantization(L.LightningModule):
     def progress(self) -> dict:
         """Where the fit stands: steps done and needed, whether calibration finished, and in words."""
         step, total = self.fit_step, self.num_fit_steps()
+        short = "observing activations" if step == 0 else "done" if step >= total else ""
         if step >= total:
             where = f"fit step {step} of {total} (finished)"
         elif step == 0:
@@ -180,22 +181,16 @@ class DiTQuantization(L.LightningModule):
             stage = reconstructor.stages[index]
             where = (f"fit step {step} of {total}: reconstruction of {stage.unit}, stage {index + 1} of "
                      f"{len(reconstructor.stages)}, iteration {k} of {stage.iterations}")
-        return {"step": step, "total": total, "finished": step >= total, "where": where,
+            short = f"unit {index + 1}/{len(reconstructor.stages)} {stage.unit}"
+        return {"step": step, "total": total, "finished": step >= total, "where": where, "short": short,
                 "start_step": self._start_step}
 
-    def discard_previous_run(self) -> None:
-        """``fit --overwrite``: the run folder's checkpoint and calibrated model are replaced by this fit's."""
-        root = Path(self.trainer.default_root_dir)
-        (root / "checkpoints" / "last.ckpt").unlink(missing_ok=True)
-        shutil.rmtree(root / "quantized", ignore_errors=True)
-
     def on_fit_start(self) -> None:
+        root = Path(self.trainer.default_root_dir)
         # A calibrated model from an earlier fit in this folder must not outlive a fit that does not finish.
-        shutil.rmtree(Path(self.trainer.default_root_dir) / "quantized", ignore_errors=True)
-        check_writable_cache = self.reconstruction is not None and self.reconstruction.cache_dir
-        if check_writable_cache:
-            from ditquant.io import check_writable_dir
-
+        shutil.rmtree(root / "quantized", ignore_errors=True)
+        remove_stale_temporaries(root / "checkpoints")
+        if self.reconstruction is not None and self.reconstruction.cache_dir:
             check_writable_dir(Path(self.reconstruction.cache_dir), "model.reconstruction.cache_dir")
 
     def on_train_start(self) -> None:
@@ -334,6 +329,7 @@ class DiTQuantization(L.LightningModule):
         out = Path(self.trainer.default_root_dir) / "test"
         if self.trainer.is_global_zero:  # nothing of an earlier test may pass for this one's result
             (out / "metrics.json").unlink(missing_ok=True)
+            remove_stale_temporaries(out)
         if self.quant is not None and (missing := uncalibrated_layers(self.transformer)):
             raise UserError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
                             "run `ditquant fit` with this config first, or pass --ckpt_path")

@@ -111,6 +111,23 @@ def test_sigterm_during_test_leaves_no_complete_looking_metrics(tmp_path):
     assert not (root / "test" / "metrics.json").exists()
 
 
+@needs_bundled
+def test_sigterm_during_the_granularity_search_stops_it_at_once(tmp_path):
+    from tests.test_qdit import tiny_search_overlay
+
+    overlay = tiny_search_overlay(tmp_path, population=4, num_samples=8, gptq=True)
+    root = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ditquant", "fit", *small_run("configs/qdit_w4a8.yaml", root, tmp_path / "calib", 4,
+                                                               4, "--config", str(overlay))]
+    code, err = signal_when(cmd, "granularity search: generation 0", signal.SIGTERM)
+    assert code == 143, err
+    assert not (root / "quantized").exists() and not (root / "group_sizes.yaml").exists()
+    resumed = subprocess.run(cmd + ["--ckpt_path", "last"], env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "generation 0" not in resumed.stderr  # generation 0 was saved and is not scored again
+    assert (root / "quantized" / "manifest.json").is_file()
+
+
 # ---- a fit that ends early, partial checkpoints, checkpoints made for another config ----
 
 @needs_bundled
