@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import lightning as L
@@ -39,12 +40,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path}: refused, it is not a plain tensor checkpoint (it holds pickled objects that "
-                            f"would run code: {first[:200]})") from None
+            code = re.search(r"GLOBAL (\S+)", str(e))
+            if code:
+                raise UserError(f"{path}: refused, it holds pickled code ({code.group(1)}) that loading would run; "
+                                "ditquant reads checkpoints with weights_only=True only") from None
+            raise UserError(f"{path}: cannot read the checkpoint: damaged or not a Lightning checkpoint") from None
         except (RuntimeError, EOFError, OSError) as e:
-            raise UserError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0][:200]}); it is damaged or "
-                            "not a Lightning checkpoint") from None
+            raise UserError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0][:200]}): damaged or not a "
+                            "Lightning checkpoint") from None
 
 
 def save_last(trainer: L.Trainer) -> None:

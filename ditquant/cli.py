@@ -40,6 +40,39 @@ EXIT_INCOMPLETE = 3
 # A relative path inside a YAML (model source, VAE, a saved model) is looked up next to that YAML first.
 register_type(InputPath, str, resolve_input_path)
 
+class OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's parser, whose errors (an unknown option, a value of the wrong type, a YAML that does not parse)
+    are one line naming the full option path instead of a dump of every type it tried."""
+
+    def error(self, message: str, ex=None):
+        if not self.exit_on_error or os.environ.get("DITQUANT_DEBUG"):
+            return super().error(message, ex)  # jsonargparse trying alternatives, or asked for everything
+        sys.stderr.write(f"ditquant: error: {condense_parser_error(message)} (`ditquant fit --help` lists the "
+                         "options)\n")
+        sys.exit(2)
+
+
+def condense_parser_error(message: str) -> str:
+    """``Parser key "model.quant": … Parser key "weight.bits": Expected a <class 'int'>. Got value: four`` ->
+    ``model.quant.weight.bits: Expected a <class 'int'>. Got value: four``."""
+    keys, detail = [], None
+    for line in (raw.strip().lstrip("- ") for raw in message.splitlines()):
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if key:
+            keys.append(key.group(1))
+            detail = key.group(2) or None
+            if detail:
+                break
+            continue
+        if not line or line.startswith(("Does not validate", "Subtypes:", "Errors:", "Problem with given class_path",
+                                        "Expected a <class 'NoneType'>", "Given value")):
+            continue
+        detail = line
+        break
+    detail = detail or message.strip().splitlines()[0]
+    return f"{'.'.join(keys)}: {detail}" if keys else detail
+
+
 class DitQuantCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -223,7 +256,7 @@ def main(args=None) -> None:
         _run(lambda: command.main(argv[1:]), "export")
         return
     _run(lambda: DitQuantCLI(
-        DiTQuantization, CalibrationData, seed_everything_default=0, args=argv,
+        DiTQuantization, CalibrationData, seed_everything_default=0, args=argv, parser_class=OneLineErrorParser,
         trainer_defaults={"max_epochs": 1, "default_root_dir": "runs/default", "num_sanity_val_steps": 0,
                           "enable_model_summary": False, "logger": False},
         save_config_kwargs={"overwrite": True}), argv[0] if argv else "")

@@ -172,7 +172,7 @@ def test_pickled_checkpoint_is_refused_in_one_line(tmp_path):
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Payload()}, evil)
     args = small_run("configs/rtn_w8a8.yaml", tmp_path / "r", tmp_path / "c", 8, 8)
-    assert "refused" in error_of("test", *args, "--ckpt_path", str(evil))
+    assert "refused, it holds pickled code (posix.system)" in error_of("test", *args, "--ckpt_path", str(evil))
     assert "not supported" in error_of("test", *args, "--ckpt_path", str(evil), "--weights_only", "false")
     assert not marker.exists()
 
@@ -317,6 +317,22 @@ def test_bad_option_is_one_line_naming_it(tmp_path, args, expected):
     message = error_of("fit", "--config", "configs/rtn_w8a8.yaml", "--trainer.default_root_dir", str(tmp_path),
                        *args)
     assert expected in message
+
+
+PARSE_ERRORS = [
+    (["--model.quant.weight.bits", "four"], "model.quant.weight.bits: Expected a <class 'int'>. Got value: four"),
+    (["--model.quant.bitz", "4"], "model.quant: Option 'bitz' is not accepted"),
+    (["--model.evaluation.fid_features", "imagenet"], "model.evaluation.fid_features: Expected a typing.Literal"),
+]
+
+
+@pytest.mark.parametrize("args,expected", PARSE_ERRORS, ids=[" ".join(a) for a, _ in PARSE_ERRORS])
+def test_parser_errors_are_one_line_naming_the_option(args, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        run("fit", "--config", "configs/rtn_w8a8.yaml", *args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ditquant: error: ") and expected in err[0], err
 
 
 def test_unusable_output_folder_is_an_error_before_any_work(tmp_path):

@@ -241,10 +241,15 @@ class GranularitySearch(Preprocessing):
             self._fitness(pl_module)
 
     def _fitness(self, pl_module) -> SampleSetFID:
-        return SampleSetFID(pl_module.dit_config, pl_module.dit_source, self.sampler or pl_module.sampler,
-                            self.num_samples, self.batch_size, self.seed, self.reference,
-                            pl_module.evaluation.fid_features if self.features == "auto" else self.features,
-                            pl_module.vae, pl_module.latent_scale)
+        features = pl_module.evaluation.fid_features if self.features == "auto" else self.features
+        try:
+            return SampleSetFID(pl_module.dit_config, pl_module.dit_source, self.sampler or pl_module.sampler,
+                                self.num_samples, self.batch_size, self.seed, self.reference, features,
+                                pl_module.vae, pl_module.latent_scale)
+        except UserError as e:
+            where = ("GranularitySearch.features" if self.features != "auto" else
+                     "GranularitySearch.features: auto = model.evaluation.fid_features")
+            raise UserError(f"{where} ({features!r}): {e}") from None
 
     def run(self, trainer, pl_module) -> dict:
         model, quant = pl_module.transformer, pl_module.quant
