@@ -44,7 +44,7 @@ class FitProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = {k: v for k, v in super().get_metrics(trainer, pl_module).items() if k not in ("unit", "v_num")}
-        if hasattr(pl_module, "progress"):
+        if trainer.state.fn == "fit" and hasattr(pl_module, "progress"):  # test has only sample batches
             p = pl_module.progress()
             items = {"step": f"{p['step']}/{p['total']}", "at": p["short"], **items}
         return items
