@@ -121,9 +121,9 @@ def check_writable_dir(path: Path, option: str) -> None:
         raise UserError(f"{option}: {existing} is not writable")
 
 
-def check_same(saved: dict, expected: dict, where: str, prefix: str = "") -> None:
+def check_same(saved: dict, expected: dict, where: str) -> None:
     """Refuse ``saved`` (what an artifact or checkpoint was made with) unless it equals ``expected`` (what this
-    command is configured with), naming the first differing option, e.g. ``model.quant.weight.bits``."""
+    command is configured with), naming the first differing option by its path, e.g. ``model.quant.weight.bits``."""
     def first_difference(a, b, path):
         if isinstance(a, dict) and isinstance(b, dict):
             for key in list(b) + [k for k in a if k not in b]:
@@ -141,6 +141,7 @@ def check_same(saved: dict, expected: dict, where: str, prefix: str = "") -> Non
     found = first_difference(saved, expected, "")
     if found:
         path, a, b = found
-        top = path.split(".")[0].split("[")[0]
-        raise UserError(f"{where} was made for a different {top}: {prefix}{path} is {a!r} there but {b!r} in this "
+        parts = path.split("[")[0].split(".")
+        what = parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]  # model.quant... -> quant
+        raise UserError(f"{where} was made for a different {what}: {path} is {a!r} there but {b!r} in this "
                         "command's config; use the config it was made with, or make a new one")

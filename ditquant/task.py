@@ -253,11 +253,15 @@ class DiTQuantization(L.LightningModule):
     def _header(self) -> dict:
         """What a checkpoint was made with (every option that changes its numbers) and how far it got."""
         dit = dataclasses.asdict(self.dit_source)
-        header = {"dit": {k: v for k, v in dit.items() if k not in ("source", "vae")},
-                  "weights": self._fingerprint,
-                  "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k != "layer_group_sizes"}
-                  if self.quant is not None else None,
-                  "reconstruction": dataclasses.asdict(self.reconstruction) if self.reconstruction else None}
+        model = {"dit": {k: v for k, v in dit.items() if k not in ("source", "vae")},  # paths may move
+                 "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k != "layer_group_sizes"}
+                 if self.quant is not None else None,
+                 "reconstruction": dataclasses.asdict(self.reconstruction) if self.reconstruction else None,
+                 "sampler": dataclasses.asdict(self.sampler)}  # the calibration set is recorded with it
+        header = {"weights": self._fingerprint, "model": model}
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None and hasattr(data, "recipe_args"):
+            header["data"] = dict(data.recipe_args, batch_size=data.batch_size)
         return yaml_plain(header)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -281,13 +285,14 @@ class DiTQuantization(L.LightningModule):
                             "a new fit)")
         made_with, expected = info["made_with"], self._header()
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        if not fitting:  # test needs the model and quant config; the calibration recipe is fit's business
-            made_with, expected = ({k: d[k] for k in ("dit", "weights", "quant")} for d in (made_with, expected))
-        if made_with.get("weights") != expected.get("weights"):
+        if made_with.get("weights", expected["weights"]) != expected["weights"]:
             raise UserError(f"{path} was made from different FP weights than model.dit.source "
                             f"{self.dit_source.source} (weights fingerprint {made_with.get('weights')} there, "
                             f"{expected.get('weights')} here)")
-        check_same(made_with, expected, str(path), prefix="model.")
+        if not fitting:  # test needs the model and quant config; how it was calibrated is fit's business
+            made_with, expected = ({"model": {k: d["model"][k] for k in ("dit", "quant")}} for d in (made_with,
+                                                                                                    expected))
+        check_same(made_with, expected, str(path))
         progress = info["progress"]
         if not fitting and not progress["finished"]:
             if not self.allow_partial:

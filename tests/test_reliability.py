@@ -146,6 +146,12 @@ def test_max_steps_ends_fit_incomplete_and_partial_checkpoint_is_refused(tmp_pat
     assert "model.quant.weight.symmetric is False there but True" in error_of(
         "test", *args, "--model.quant.weight.symmetric", "true")
     assert "model.dit.use_ema" in error_of("test", *args, "--model.dit.use_ema", "false")
+    retrained = tmp_path / "retrained"
+    shutil.copytree(DIT_DIR, retrained)
+    state = load_file(retrained / "diffusion_pytorch_model.safetensors")
+    state["proj_out_2.bias"] = state["proj_out_2.bias"] + 1e-3
+    save_file(state, retrained / "diffusion_pytorch_model.safetensors")
+    assert "different FP weights" in error_of("test", *args, "--model.dit.source", str(retrained))
 
     run("test", *args, "--model.allow_partial", "true")
     metrics = json.loads((root / "test" / "metrics.json").read_text())
@@ -153,6 +159,11 @@ def test_max_steps_ends_fit_incomplete_and_partial_checkpoint_is_refused(tmp_pat
 
     # the run folder holds a checkpoint: a new fit must say resume or overwrite
     assert "--ckpt_path last" in error_of("fit", *args)
+    # resuming needs the options the fit was made with, calibration recipe included
+    assert "model.reconstruction.iterations is 4 there but 5" in error_of(
+        "fit", *args, "--ckpt_path", "last", "--model.reconstruction.iterations", "5")
+    assert "data.samples_per_timestep is 4 there but 3" in error_of(
+        "fit", *args, "--ckpt_path", "last", "--data.samples_per_timestep", "3")
     run("fit", *args, "--ckpt_path", "last")
     assert (root / "quantized" / "manifest.json").is_file()
     run("test", *args)
@@ -225,6 +236,35 @@ def test_calibration_files_carry_a_checksum_and_nan_rows_are_refused(tmp_path):
     save_calibration_set(bad, recipe, path)
     with pytest.raises(UserError, match="NaN or inf"):
         load_calibration_set(path, recipe)
+
+
+def test_nan_activation_ranges_and_reconstruction_losses_stop_the_run():
+    from ditquant.reconstruction.config import ReconstructionConfig
+    from ditquant.reconstruction.reconstructor import BlockReconstructor
+    from ditquant.task import check_finite_quantizers
+    from tests.test_reconstruction import calibrated
+
+    model, cal = calibrated()
+    check_finite_quantizers(model)  # finite: accepted
+    name, scale = next((n, p) for n, p in model.named_parameters() if n.endswith("input_quantizer.scale"))
+    with torch.no_grad():
+        scale[...] = float("nan")
+    with pytest.raises(UserError, match=f"activation observation: {name} is NaN/inf"):
+        check_finite_quantizers(model)
+
+    model, cal = calibrated()
+    cal.xs[0, 0, 0, 0, 0] = float("nan")  # a calibration row turned NaN after observation
+    with pytest.raises(UserError, match=r"reconstruction of pos_embed.proj \(stage 1 of \d+\): non-finite values"):
+        BlockReconstructor(model, ReconstructionConfig(iterations=3, batch_size=24), cal).run_step()
+
+    model, cal = calibrated()
+    reconstructor = BlockReconstructor(model, ReconstructionConfig(iterations=3, batch_size=24), cal)
+    reconstructor.run_step()
+    with torch.no_grad():
+        model.pos_embed.proj.layer.bias[0] = float("nan")  # the unit itself goes bad mid-stage
+    with pytest.raises(UserError, match=r"reconstruction of pos_embed.proj \(stage 1 of \d+, iteration 1\): the loss "
+                                        "is nan"):
+        reconstructor.run_step()
 
 
 def test_artifacts_are_committed_by_a_manifest_and_checked(tmp_path):

@@ -60,8 +60,8 @@ def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
     expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant), sort_keys=False))
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: not a ditquant calibrated model (format {meta.get('format')!r})")
-    check_same({"dit": meta.get("dit"), "quant": meta.get("quant")}, {"dit": expected["dit"], "quant": expected["quant"]},
-               f"{meta_path}", prefix="model.")
+    check_same({"model": {"dit": meta.get("dit"), "quant": meta.get("quant")}},
+               {"model": {"dit": expected["dit"], "quant": expected["quant"]}}, f"{meta_path}")
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:

@@ -235,7 +235,11 @@ class BlockReconstructor:
             with self._activation_mode(active.stage):
                 signature, rows = capture_input(forward, active.unit, batch=len(t))
             active.signature = active.signature or signature
-            active.cache.write({**rows, "target": target})
+            try:
+                active.cache.write({**rows, "target": target})
+            except UserError as e:
+                raise UserError(f"reconstruction of {active.stage.unit} (stage {active.index + 1} of "
+                                f"{len(self.stages)}): {e}") from None
 
     @torch.no_grad()
     def _evaluate(self, active: _ActiveStage) -> float:
