@@ -290,7 +290,7 @@ def _interrupted_hint(name: str) -> str:
                 f"marked finished. Resume: {_resume_command()}")
     if name == "test":
         return "No metrics were written (an older metrics.json was removed at the start). Run the command again."
-    return "Nothing was written. Run the command again."
+    return "The output folder was not committed (it has no manifest.json, so nothing loads it). Run the command again."
 
 
 if __name__ == "__main__":

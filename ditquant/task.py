@@ -74,7 +74,7 @@ class DiTQuantization(L.LightningModule):
         if quant is None and (reconstruction is not None or load_quantized is not None or load_integer is not None
                               or backend != "fake"):
             raise UserError("model.reconstruction / load_quantized / load_integer / backend need model.quant (it is "
-                             "null)")
+                            "null)")
         if backend not in BACKENDS:
             raise UserError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
         if load_integer is not None and load_quantized is not None:

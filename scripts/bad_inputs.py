@@ -98,8 +98,17 @@ def cases(tmp: Path):
     yield "fit again in a folder holding a checkpoint", ["fit", *partial]
     yield "test a W4A8 checkpoint with a W8 config", ["test", *partial, "--model.quant.weight.bits", "8"]
     yield "test a W4A8 checkpoint with symmetric weights", ["test", *partial, "--model.quant.weight.symmetric", "true"]
-    yield "test a checkpoint with another reconstruction... no: model.dit.use_ema changed", [
-        "test", *partial, "--model.dit.use_ema", "false"]
+    yield "test a checkpoint with model.dit.use_ema changed", ["test", *partial, "--model.dit.use_ema", "false"]
+    yield "resume a fit with another reconstruction.iterations", ["fit", *partial, "--ckpt_path", "last",
+                                                                  "--model.reconstruction.iterations", "5"]
+    yield "resume a fit with another calibration recipe", ["fit", *partial, "--ckpt_path", "last",
+                                                           "--data.samples_per_timestep", "3"]
+    retrained = tmp / "retrained"
+    shutil.copytree(DIT_DIR, retrained)
+    state = load_file(retrained / "diffusion_pytorch_model.safetensors")
+    state["proj_out_2.bias"] = state["proj_out_2.bias"] + 1e-3
+    save_file(state, retrained / "diffusion_pytorch_model.safetensors")
+    yield "test a checkpoint against other FP weights", ["test", *partial, "--model.dit.source", str(retrained)]
 
     evil = tmp / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Payload()}, evil)

@@ -90,7 +90,7 @@ class CalibrationData(L.LightningDataModule):
                                 classes=tuple(classes) if classes is not None else None)
         if (num_timesteps is not None and num_timesteps < 1) or samples_per_timestep < 1:
             raise UserError(f"data.num_timesteps and data.samples_per_timestep must be >= 1, got {num_timesteps} "
-                             f"and {samples_per_timestep}")
+                            f"and {samples_per_timestep}")
         for name, value in (("batch_size", batch_size), ("num_test_samples", num_test_samples),
                             ("test_batch_size", test_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

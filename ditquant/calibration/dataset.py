@@ -48,7 +48,7 @@ class CalibrationRecipe:
     def __post_init__(self):
         if not 1 <= self.num_timesteps <= self.sampler.num_steps:
             raise UserError(f"calibration num_timesteps={self.num_timesteps} must be in [1, sampler.num_steps="
-                             f"{self.sampler.num_steps}]")
+                            f"{self.sampler.num_steps}]")
         if self.samples_per_timestep < 1:
             raise UserError(f"calibration samples_per_timestep must be >= 1, got {self.samples_per_timestep}")
 

@@ -44,5 +44,5 @@ def ddim_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> 
     stride = num_timesteps // num_steps if 1 <= num_steps <= num_timesteps else 0
     if stride == 0 or len(range(0, num_timesteps, stride)) != num_steps:
         raise UserError(f"DDIM with {num_steps} steps: {num_timesteps} timesteps cannot be laid out with a constant "
-                         f"stride of {num_timesteps}//{num_steps}; use e.g. 10, 20, 25, 50, 100 or 250 steps")
+                        f"stride of {num_timesteps}//{num_steps}; use e.g. 10, 20, 25, 50, 100 or 250 steps")
     return list(range(0, num_timesteps, stride))

@@ -45,7 +45,7 @@ class FashionMNISTClassifier(nn.Module):
         """Penultimate activations (N, feature_dim): what FID is measured on."""
         if x.dim() != 4 or x.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise UserError(f"expected images of shape (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}) in [-1, 1], "
-                             f"got {tuple(x.shape)}")
+                            f"got {tuple(x.shape)}")
         return self.embed(self.body(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

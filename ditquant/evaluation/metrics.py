@@ -64,11 +64,11 @@ def domain_fid(reference: str = "fashion-mnist", classifier_path: str | Path = C
     if expected is not None and expected != file_sha256(classifier_path):
         # Statistics from another classifier would give a plausible-looking but meaningless number.
         raise UserError(f"{REFERENCES[reference]} was computed with a different classifier than {classifier_path}; "
-                         f"rerun `python -m ditquant.models.bundled.train_classifier` to write both together")
+                        f"rerun `python -m ditquant.models.bundled.train_classifier` to write both together")
     fid = domain_fid_metric(classifier_path)
     if stats["features_sum"].shape != fid.real_features_sum.shape:
         raise UserError(f"reference statistics have {stats['features_sum'].shape[0]} features, the classifier "
-                         f"{fid.real_features_sum.shape[0]}")
+                        f"{fid.real_features_sum.shape[0]}")
     fid.real_features_sum = stats["features_sum"].to(torch.float64)
     fid.real_features_cov_sum = stats["features_cov_sum"].to(torch.float64)
     fid.real_features_num_samples = stats["features_num_samples"].to(torch.int64).reshape(())

@@ -36,7 +36,7 @@ class SampleSetFID:
             raise UserError(f"the sample-set FID needs a feature extractor (fashion-mnist or inception), got {kind!r}")
         if reference == "data" and kind != "fashion-mnist":
             raise UserError("reference 'data' needs shipped real-image statistics, which exist for the bundled "
-                             "Fashion-MNIST domain only; use reference 'fp'")
+                            "Fashion-MNIST domain only; use reference 'fp'")
         self.dit, self.sampler, self.seed, self.batch_size = dit, sampler, seed, batch_size
         self.vae, self.latent_scale = vae, latent_scale
         self.indices = torch.arange(num_samples)

@@ -77,7 +77,7 @@ def read_integer_meta(folder: str | Path) -> dict:
     meta = yaml.safe_load(meta_path.read_text())
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: not a ditquant integer model (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                         f"expected {FORMAT!r})")
+                        f"expected {FORMAT!r})")
     return meta
 
 

@@ -68,8 +68,8 @@ class IntLinear(nn.Module):
             raise UserError(f"{name}: an integer layer needs a quantized weight")
         if weight_spec.granularity == "column_group":
             raise UserError(f"{name}: the 'column_group' weight layout has scales that vary along both the output and "
-                             "the input channels, which no integer GEMM can rescale; use granularity 'channel' or "
-                             "'group' for integer inference")
+                            "the input channels, which no integer GEMM can rescale; use granularity 'channel' or "
+                            "'group' for integer inference")
         self.name, self.patch = name, patch
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.input_spec = weight_spec, input_spec

@@ -67,7 +67,7 @@ class Preprocessing(L.Callback):
             return
         if trainer.ckpt_path is not None and not self._restored:
             raise UserError(f"{type(self).__name__}: the checkpoint being resumed ({trainer.ckpt_path}) was made "
-                             "without it; start a new fit to apply it")
+                            "without it; start a new fit to apply it")
         self.check(pl_module)
         started = time.perf_counter()
         self.report = self.run(trainer, pl_module)
@@ -233,7 +233,7 @@ class GranularitySearch(Preprocessing):
         if any(q.input_quantizer.enabled and not q.input_quantizer.spec.dynamic
                for q in quant_layers(pl_module.transformer) if q.name in layers):
             raise UserError("GranularitySearch scores candidates without calibration: the group-wise layers need "
-                             "dynamic activation quantization (model.quant.activation.dynamic: true)")
+                            "dynamic activation quantization (model.quant.activation.dynamic: true)")
         return EvolutionarySearch(genes, self.settings, self.budget_group_size, self.constraint)
 
     def check(self, pl_module) -> None:
@@ -331,7 +331,7 @@ class GPTQ(Preprocessing):
     def check(self, pl_module) -> None:
         if pl_module.reconstruction is not None:
             raise UserError("GPTQ and model.reconstruction (AdaRound) both set the weights: use one (set "
-                             "model.reconstruction: null, or drop the GPTQ callback)")
+                            "model.reconstruction: null, or drop the GPTQ callback)")
 
     def run(self, trainer, pl_module) -> dict:
         return quantize_model_gptq(pl_module.transformer, trainer.datamodule.calibration_loader(), self.blocksize,

@@ -35,7 +35,7 @@ def _ensure_foldable(modules: list[nn.Module]) -> None:
     for m in modules:
         if isinstance(m, QuantLayer) and m.frozen_weight:
             raise UserError(f"{m.name}: its quantized weight is already fixed (reconstructed or low-rank "
-                             "compensated); fold factors into the model before that")
+                            "compensated); fold factors into the model before that")
 
 
 def _check(s: torch.Tensor, channels: int, where: str) -> torch.Tensor:

@@ -153,7 +153,7 @@ def quantize_model_gptq(model: nn.Module, loader: Iterable[dict], blocksize: int
         frozen = [q.name for q in layers if q.frozen_weight]
         if frozen:
             raise UserError(f"GPTQ: the weights of {frozen[:3]} are already fixed (codes or a low-rank branch); "
-                             "GPTQ must be the only weight method")
+                            "GPTQ must be the only weight method")
         # Static activation ranges are observed after GPTQ: until then those inputs stay full precision.
         unobserved = [a for a in activation_quantizers(model) if not a.calibrated]
         with bypassing([q.weight_quantizer for q in layers] + unobserved), _record_inputs(layers, unit) as stats:

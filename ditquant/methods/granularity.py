@@ -61,14 +61,14 @@ def search_genes(model: nn.Module, space: tuple[int, ...] = SEARCH_SPACE) -> lis
             grouped.setdefault(gene_key(q.name), []).append(q)
     if not grouped:
         raise UserError("granularity search: no quantized layer is group-wise; set model.quant.weight (and "
-                         "activation) granularity: group")
+                        "activation) granularity: group")
     genes = []
     for key, layers in grouped.items():
         width = layers[0].layer.weight[0].numel()
         sizes = tuple(sorted(g for g in set(space) if width % g == 0))
         if not sizes:
             raise UserError(f"granularity search: no size of the search space {sorted(space)} divides the "
-                             f"{width} input channels of {layers[0].name}")
+                            f"{width} input channels of {layers[0].name}")
         genes.append(Gene(key, tuple(q.name for q in layers), sizes,
                           sum(q.layer.weight.numel() for q in layers)))
     return genes
@@ -92,9 +92,9 @@ def check_feasible(genes: list[Gene], reference: int, constraint: str) -> None:
     coarsest = tuple(gene.sizes[-1] for gene in genes)
     if cost(coarsest, genes, constraint) > budget(genes, reference, constraint) * (1 + 1e-9):
         raise UserError(f"granularity search: the constraint cannot be met: even the coarsest allowed groups "
-                         f"({constraint} cost {cost(coarsest, genes, constraint):.4g}) exceed the budget of group "
-                         f"size {reference} everywhere ({budget(genes, reference, constraint):.4g}); raise "
-                         "budget_group_size or add larger sizes to the search space")
+                        f"({constraint} cost {cost(coarsest, genes, constraint):.4g}) exceed the budget of group "
+                        f"size {reference} everywhere ({budget(genes, reference, constraint):.4g}); raise "
+                        "budget_group_size or add larger sizes to the search space")
 
 
 def layer_group_sizes(genome: Genome, genes: list[Gene]) -> dict[str, int]:
@@ -115,10 +115,10 @@ class EvolutionSettings:
     def __post_init__(self):
         if self.population < 2 or not 1 <= self.top_k <= self.population:
             raise UserError(f"granularity search needs population >= 2 and 1 <= top_k <= population, got "
-                             f"population={self.population}, top_k={self.top_k}")
+                            f"population={self.population}, top_k={self.top_k}")
         if self.mutations < 0 or self.crossovers < 0 or self.mutations + self.crossovers > self.population:
             raise UserError(f"granularity search: mutations + crossovers ({self.mutations} + {self.crossovers}) must "
-                             f"be non-negative and at most the population ({self.population})")
+                            f"be non-negative and at most the population ({self.population})")
         if not 0 <= self.mutation_prob <= 1:
             raise UserError(f"granularity search: mutation_prob must be in [0, 1], got {self.mutation_prob}")
         if self.generations < 0:

@@ -113,11 +113,11 @@ def _layer_specs(model: nn.Module) -> tuple[QuantSpec, QuantSpec]:
                 m = block.get_submodule(name)
                 if not isinstance(m, QuantLayer):
                     raise UserError(f"smoothing needs q/k/v, attn_out, fc1 and fc2 quantized (quant.roles); {name} "
-                                     "is not")
+                                    "is not")
                 specs.add((m.weight_quantizer.spec, m.input_quantizer.spec))
     if len(specs) != 1:
         raise UserError("smoothing searches α with one weight/activation spec: the smoothed linears have "
-                         f"{len(specs)} different ones (quant.overrides)")
+                        f"{len(specs)} different ones (quant.overrides)")
     return specs.pop()
 
 

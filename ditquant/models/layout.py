@@ -85,8 +85,8 @@ def modulation_linear(block: nn.Module) -> nn.Module:
     hidden = getattr(getattr(block, "attn1", None), "inner_dim", None)
     if weight is None or hidden is None or weight.shape[0] != len(ADALN_CHUNKS) * hidden:
         raise UserError(f"{type(block).__name__} with norm {type(norm).__name__} has no adaLN-Zero modulation "
-                         f"(norm1.linear producing {'/'.join(ADALN_CHUNKS)}) to fold a per-channel factor into; "
-                         "balancing and smoothing support DiT blocks (diffusers norm_type 'ada_norm_zero')")
+                        f"(norm1.linear producing {'/'.join(ADALN_CHUNKS)}) to fold a per-channel factor into; "
+                        "balancing and smoothing support DiT blocks (diffusers norm_type 'ada_norm_zero')")
     return linear
 # The linears PTQ4DiT balances, grouped by the input they share (the first one is hooked to observe it).
 BALANCED_INPUTS = {"attention": MODULATED_INPUTS["attention"][2], "attn_out": (ATTENTION_OUTPUT,),

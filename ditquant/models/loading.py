@@ -176,7 +176,7 @@ def load_dit(source: DiTSource) -> LoadedDiT:
     if vae is not None:
         if vae.config.latent_channels != config.in_channels:
             raise UserError(f"the VAE from {vae_where} has {vae.config.latent_channels} latent channels, but the "
-                             f"DiT takes in_channels={config.in_channels}; pass vae='none' for a pixel-space model")
+                            f"DiT takes in_channels={config.in_channels}; pass vae='none' for a pixel-space model")
         vae.eval().requires_grad_(False)
     latent_scale = float(vae.config.scaling_factor) if vae is not None else 1.0
 
@@ -214,7 +214,7 @@ def _classify(source: str) -> tuple[str, Optional[Path]]:
         if path.suffix in CHECKPOINT_SUFFIXES:
             return "original", path
         raise UserError(f"{path}: not a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a folder; for a diffusers "
-                         f"model pass the folder holding config.json")
+                        f"model pass the folder holding config.json")
     if path.is_dir():
         if (path / "config.json").is_file():
             if not _has_weights(path):
@@ -223,7 +223,7 @@ def _classify(source: str) -> tuple[str, Optional[Path]]:
         if (path / "transformer").is_dir() or (path / "model_index.json").is_file():
             return "pipeline", path
         raise UserError(f"{path} is neither a diffusers model folder (config.json + {_SAFETENSORS[0]}) nor a "
-                         f"DiTPipeline folder (transformer/, vae/, model_index.json)")
+                        f"DiTPipeline folder (transformer/, vae/, model_index.json)")
     if _looks_like_hub_id(source):
         return "hub", None
     raise FileNotFoundError(f"{source} does not exist (nor is it a hub id like 'facebook/DiT-XL-2-256')")
@@ -248,7 +248,7 @@ def _load_model_folder(cls, folder: Path):
         raise UserError(f"{folder} holds a {found}, not a {expected[0]}")
     if cls is DiTTransformer2DModel and config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
         raise UserError(f"{folder} holds a {found} with norm_type={config['norm_type']!r}; a DiT uses "
-                         f"'ada_norm_zero'")
+                        f"'ada_norm_zero'")
     try:
         if any((folder / f).is_file() for f in _SAFETENSORS):
             model = _from_pretrained(cls, folder, use_safetensors=True)
@@ -355,11 +355,11 @@ def _check_against(config: DiTConfig, source: DiTSource, where: str) -> None:
         for key in ("hidden_size", "depth", "num_heads", "patch_size"):
             if getattr(named, key) != getattr(config, key):
                 raise UserError(f"{where}: name={source.name!r} means {key}={getattr(named, key)}, but the model "
-                                 f"has {key}={getattr(config, key)}")
+                                f"has {key}={getattr(config, key)}")
     for key, value in source.overrides().items():
         if getattr(config, key) != value:
             raise UserError(f"{where}: option {key}={value!r} disagrees with the model, which has "
-                             f"{key}={getattr(config, key)!r}")
+                            f"{key}={getattr(config, key)!r}")
 
 
 def _describe(config: DiTConfig) -> str:

@@ -68,7 +68,7 @@ def read_checkpoint(path: PathLike, use_ema: bool = True) -> StateDict:
         obj = _read_torch(path)
     else:
         raise UserError(f"{path}: unknown checkpoint suffix {path.suffix!r}; expected one of "
-                         f"{', '.join(CHECKPOINT_SUFFIXES)}")
+                        f"{', '.join(CHECKPOINT_SUFFIXES)}")
     state = _select_weights(obj, path, use_ema)
     return _strip_prefixes(state)
 
@@ -150,7 +150,7 @@ def _check_required(state: Mapping[str, torch.Tensor]) -> None:
     if any(k.startswith("transformer_blocks.") for k in state):
         hint = " It looks like a diffusers state dict: pass the diffusers model folder instead."
     raise UserError(f"not an original DiT state dict: missing keys {_few(missing)} "
-                     f"(found keys like {_few(state, 4)}).{hint}")
+                    f"(found keys like {_few(state, 4)}).{hint}")
 
 
 def infer_config(state: Mapping[str, torch.Tensor], name: Optional[str] = None, **overrides) -> DiTConfig:
@@ -182,7 +182,7 @@ def infer_config(state: Mapping[str, torch.Tensor], name: Optional[str] = None, 
         learn_sigma = False
     else:
         raise UserError(f"final_layer.linear.weight has {out_rows} rows; expected {patch}*{patch}*{in_channels} "
-                         f"(eps only) or twice that (learned sigma)")
+                        f"(eps only) or twice that (learned sigma)")
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()),
                     default=-1)
     if depth == 0:
@@ -198,18 +198,18 @@ def infer_config(state: Mapping[str, torch.Tensor], name: Optional[str] = None, 
         for key in ("hidden_size", "depth", "patch_size"):
             if getattr(named, key) != found[key]:
                 raise UserError(f"name={name!r} means {key}={getattr(named, key)}, but the weights have "
-                                 f"{key}={found[key]}")
+                                f"{key}={found[key]}")
         heads = named.num_heads
         if overrides.get("num_heads", heads) != heads:
             raise UserError(f"num_heads={overrides['num_heads']} disagrees with name={name!r} "
-                             f"(which has {heads} heads)")
+                            f"(which has {heads} heads)")
     elif "num_heads" in overrides:
         heads = overrides["num_heads"]
     elif found["hidden_size"] in HEADS_BY_HIDDEN:
         heads = HEADS_BY_HIDDEN[found["hidden_size"]]
     else:
         raise UserError(f"cannot tell the number of attention heads of a DiT with hidden size {hidden} (heads are not "
-                         f"stored in the weights, and no named DiT size has this width); pass num_heads=...")
+                        f"stored in the weights, and no named DiT size has this width); pass num_heads=...")
     for key, value in overrides.items():
         if key in found and value != found[key]:
             raise UserError(f"option {key}={value!r} disagrees with the weights, which have {key}={found[key]!r}")
@@ -256,7 +256,7 @@ def check_original_state_dict(state: Mapping[str, torch.Tensor], config: DiTConf
         parts = ([f"missing keys: {_few(missing)}"] if missing else []) + \
                 ([f"unexpected keys: {_few(extra)}"] if extra else [])
         raise UserError(f"state dict does not match an original DiT with depth={config.depth}, "
-                         f"hidden_size={config.hidden_size}: {'; '.join(parts)}")
+                        f"hidden_size={config.hidden_size}: {'; '.join(parts)}")
     wrong = [k for k, shape in expected.items() if tuple(state[k].shape) != shape]
     if wrong:
         detail = ", ".join(f"{k}: expected {expected[k]}, found {tuple(state[k].shape)}" for k in sorted(wrong)[:5])
@@ -325,7 +325,7 @@ def _check_pos_embed(table: torch.Tensor, config: DiTConfig) -> None:
     err = (expected - table).abs().max().item()
     if err > 1e-4:
         raise UserError(f"pos_embed is not DiT's fixed 2D sin-cos table (max difference {err:.3g}); diffusers "
-                         f"recomputes that table whenever a model is built, so these weights cannot be represented")
+                        f"recomputes that table whenever a model is built, so these weights cannot be represented")
 
 
 def original_to_diffusers(state: Mapping[str, torch.Tensor], config: DiTConfig, original_numerics: bool = True,

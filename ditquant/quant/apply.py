@@ -40,11 +40,11 @@ def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module]) -
     unknown = sorted(set(config.layer_group_sizes) - set(layers))
     if unknown:
         raise UserError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
-                         f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {config.roles})")
+                        f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {config.roles})")
     for name in config.layer_group_sizes:
         if all(s.granularity != "group" for s in config.specs_for(role_of(name))):
             raise UserError(f"quant.layer_group_sizes: {name} has neither a group-wise weight nor a group-wise "
-                             "input spec (granularity 'group'), so a group size means nothing for it")
+                            "input spec (granularity 'group'), so a group size means nothing for it")
 
 
 @torch.no_grad()
@@ -58,7 +58,7 @@ def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
             continue
         if q.frozen_weight:
             raise UserError(f"{q.name}: its weight is already fixed (codes or low-rank branch); group sizes must "
-                             "be chosen before GPTQ, LoRA or reconstruction")
+                            "be chosen before GPTQ, LoRA or reconstruction")
         q.set_specs(weight_spec, input_spec)
         changed.append(q.name)
     return changed

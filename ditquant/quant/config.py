@@ -58,10 +58,10 @@ class QuantConfig:
                 raise UserError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
         if self.weight.granularity in ("token", "sample"):
             raise UserError(f"quant.weight.granularity {self.weight.granularity!r} is for activations; use "
-                             "'channel', 'group' or 'column_group'")
+                            "'channel', 'group' or 'column_group'")
         if self.activation.granularity in ("channel", "column_group"):
             raise UserError(f"quant.activation.granularity {self.activation.granularity!r} is for weights; use "
-                             "'tensor', 'token', 'sample' or 'group'")
+                            "'tensor', 'token', 'sample' or 'group'")
 
         bad = {name: g for name, g in self.layer_group_sizes.items() if not isinstance(g, int) or g < 1}
         if bad:

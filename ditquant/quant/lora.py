@@ -30,7 +30,7 @@ def check_rank(rank: int, weight: torch.Tensor, where: str = "lora") -> None:
     limit = min(weight.shape[0], weight[0].numel())
     if not 1 <= rank <= limit:
         raise UserError(f"{where}: rank must be between 1 and min(out, in) = {limit} for a {tuple(weight.shape)} "
-                         f"weight, got {rank}")
+                        f"weight, got {rank}")
 
 
 @torch.no_grad()

@@ -50,8 +50,8 @@ class QuantSpec:
             raise UserError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if (self.granularity in GROUPED) != (self.group_size is not None):
             raise UserError(f"group_size is required with granularity {' or '.join(map(repr, GROUPED))} and only "
-                             "allowed with them "
-                             f"(granularity={self.granularity!r}, group_size={self.group_size})")
+                            "allowed with them "
+                            f"(granularity={self.granularity!r}, group_size={self.group_size})")
         if self.group_size is not None and self.group_size < 1:
             raise UserError(f"group_size must be positive, got {self.group_size}")
         if self.init not in INITS:
@@ -64,7 +64,7 @@ class QuantSpec:
             raise UserError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
         if self.granularity == "sample" and not self.dynamic:
             raise UserError("granularity 'sample' needs dynamic: true (a static range is shared by every sample; "
-                             "use 'tensor')")
+                            "use 'tensor')")
 
     @property
     def enabled(self) -> bool:

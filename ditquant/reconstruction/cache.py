@@ -47,7 +47,7 @@ class UnitCache:
             return
         if self.spill_dir is None:
             raise UserError(f"reconstruction cache needs {total / 2**30:.2f} GiB, over cache_memory_gb, and no "
-                             f"cache_dir to spill to")
+                            f"cache_dir to spill to")
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.tensors = {name: np.lib.format.open_memmap(self.spill_dir / f"{name}.npy", mode="w+",
                                                         dtype=torch.empty(0, dtype=dtypes[name]).numpy().dtype,
@@ -64,7 +64,7 @@ class UnitCache:
         for name, t in rows.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise UserError(f"non-finite values (NaN/inf) in the reconstruction data ({name}); the calibration "
-                                 "set or the model produces them")
+                                "set or the model produces them")
             dst = self.tensors[name]
             value = t.detach().to(_storage_dtype(t)).cpu()
             if isinstance(dst, np.memmap):
