@@ -115,7 +115,7 @@ def compare_runs(reference: Path, new: Path) -> tuple[bool, str]:
     if a.keys() != b.keys():
         return False, f"tensor names differ: {sorted(a.keys() ^ b.keys())[:5]}"
     differ = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
-    problems = []
+    problems, compared = [], [f"{len(a)} tensors"]
     if differ:
         worst = max(differ, key=differ.get)
         problems.append(f"{len(differ)} of {len(a)} tensors differ (largest: {worst}, {differ[worst]:.3g})")
@@ -123,9 +123,10 @@ def compare_runs(reference: Path, new: Path) -> tuple[bool, str]:
         if not (reference / "test" / npz).is_file():
             continue  # a record made before test wrote the FP samples
         x, y = np.load(reference / "test" / npz)["arr_0"], np.load(new / "test" / npz)["arr_0"]
+        compared.append(npz)
         if not np.array_equal(x, y):
             problems.append(f"{npz}: {int((x != y).sum())} of {x.size} pixel values differ")
-    return (not problems), ("; ".join(problems) or f"identical ({len(a)} tensors, samples, FP samples)")
+    return (not problems), ("; ".join(problems) or f"identical ({', '.join(compared)})")
 
 
 def main_(argv=None) -> int:
