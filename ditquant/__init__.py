@@ -1,3 +1,36 @@
-"""ditquant: post-training quantization of Diffusion Transformers (PTQ4DiT, Q-DiT, DiTAS)."""
+"""ditquant: post-training quantization of Diffusion Transformers (PTQ4DiT, Q-DiT, DiTAS).
+
+The Python API (see ``ditquant.api`` and README, "Python"): ``load``, ``calibration_set``, ``quantize``,
+``balance`` / ``smooth`` / ``low_rank`` / ``gptq`` (the methods' steps), ``calibrate``, ``reconstruct``,
+``generate`` (seeded samples), ``save_quantized`` / ``load_quantized``, ``to_integer`` / ``save_integer`` / ``load_integer``, and the
+configs and building blocks they take.
+"""
 
 __version__ = "0.1.0"
+
+from ditquant.api import (balance, calibrate, calibration_set, generate, gptq, load, low_rank, quantize,  # noqa: E402
+                          reconstruct, smooth)
+from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, collate_pairs,  # noqa: E402
+                                          record_calibration_set)
+from ditquant.diffusion.samplers import SamplerConfig, sample  # noqa: E402
+from ditquant.errors import Interrupted, UserError  # noqa: E402
+from ditquant.evaluation.sampling import EvaluationConfig, seeded_noise, step_generators, to_uint8  # noqa: E402
+from ditquant.integer.agreement import block_sqnr, sqnr_db  # noqa: E402
+from ditquant.integer.convert import to_integer  # noqa: E402
+from ditquant.integer.export import load_integer, save_integer  # noqa: E402
+from ditquant.models.loading import DiTSource, LoadedDiT, load_dit  # noqa: E402
+from ditquant.quant.apply import quantization_table, quantize_model  # noqa: E402
+from ditquant.quant.artifact import load_quantized, save_quantized  # noqa: E402
+from ditquant.quant.config import LayerOverride, QuantConfig  # noqa: E402
+from ditquant.quant.modules import QuantLayer, observing_activations, quant_disabled  # noqa: E402
+from ditquant.quant.spec import QuantSpec  # noqa: E402
+from ditquant.reconstruction.config import ReconstructionConfig  # noqa: E402
+from ditquant.reconstruction.reconstructor import BlockReconstructor  # noqa: E402
+
+__all__ = ["balance", "calibrate", "calibration_set", "generate", "gptq", "load", "low_rank", "quantize", "reconstruct",
+           "smooth", "sample", "CalibrationRecipe", "CalibrationSet", "collate_pairs", "record_calibration_set",
+           "SamplerConfig", "Interrupted", "UserError", "EvaluationConfig", "seeded_noise", "step_generators",
+           "to_uint8", "block_sqnr", "sqnr_db", "to_integer", "load_integer", "save_integer", "DiTSource",
+           "LoadedDiT", "load_dit", "quantization_table", "quantize_model", "load_quantized", "save_quantized",
+           "LayerOverride", "QuantConfig", "QuantLayer", "observing_activations", "quant_disabled", "QuantSpec",
+           "ReconstructionConfig", "BlockReconstructor"]

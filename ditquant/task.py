@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 
 from ditquant import interrupt
+from ditquant.calibration.observe import observe_activation_ranges
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
@@ -37,7 +38,6 @@ from ditquant.quant.apply import (apply_group_sizes, quantization_table, quantiz
                                   weight_sqnr_db)
 from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
 from ditquant.quant.config import QuantConfig
-from ditquant.quant.modules import observing_activations
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
 
@@ -228,12 +228,7 @@ class DiTQuantization(L.LightningModule):
             self.trainer.should_stop = True
 
     def _observe_activations(self) -> None:
-        data = self.trainer.datamodule
-        with torch.no_grad(), observing_activations(self.transformer):
-            for batch in data.calibration_loader():
-                interrupt.check()
-                self.transformer(*(batch[k].to(self.device) for k in ("x", "t", "y")))
-        check_finite_quantizers(self.transformer)
+        observe_activation_ranges(self.transformer, self.trainer.datamodule.calibration_loader())
 
     def _reconstructor(self) -> BlockReconstructor:
         if self.reconstructor is None:
@@ -374,11 +369,3 @@ def yaml_plain(obj):
     if isinstance(obj, (list, tuple)):
         return [yaml_plain(v) for v in obj]
     return obj
-
-
-def check_finite_quantizers(model: torch.nn.Module) -> None:
-    """Refuse quantization ranges that came out NaN / inf (the model produced non-finite activations)."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.endswith(("scale", "zero_point")) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"activation observation: {name} is NaN/inf: the model produced non-finite activations "
-                            "on the calibration set")

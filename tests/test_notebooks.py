@@ -35,3 +35,10 @@ def check_integer_inference(ns: dict) -> None:
 
 
 CHECKS = {"quickstart": check_quickstart, "integer_inference": check_integer_inference}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=str)
+def test_notebooks_use_only_the_public_api(path):
+    sources = ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    deep = [line for s in sources for line in s.splitlines() if "ditquant." in line and "import" in line]
+    assert not deep, deep  # `from ditquant import ...` only

@@ -241,7 +241,7 @@ def test_calibration_files_carry_a_checksum_and_nan_rows_are_refused(tmp_path):
 def test_nan_activation_ranges_and_reconstruction_losses_stop_the_run():
     from ditquant.reconstruction.config import ReconstructionConfig
     from ditquant.reconstruction.reconstructor import BlockReconstructor
-    from ditquant.task import check_finite_quantizers
+    from ditquant.calibration.observe import check_finite_quantizers
     from tests.test_reconstruction import calibrated
 
     model, cal = calibrated()

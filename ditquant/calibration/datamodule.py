@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -11,14 +10,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, calibration_path,
-                                          check_finite_calibration, collate_pairs,
-                                          load_calibration_set, record_calibration_set, save_calibration_set)
+from ditquant.calibration.dataset import CalibrationRecipe, CalibrationSet, collate_pairs, load_or_record
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
-from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
+from ditquant.models.loading import DiTSource, load_dit
 
-log = logging.getLogger(__name__)
 
 
 class EvaluationIndices(Dataset):
@@ -112,27 +108,12 @@ class CalibrationData(L.LightningDataModule):
         if args["num_timesteps"] is None:
             args["num_timesteps"] = sampler.num_steps
         CalibrationRecipe(model="", sampler=sampler, **args)  # validate before loading the model
-        loaded = load_dit(dit)
-        # The weights' fingerprint is part of the recipe: retrained or edited weights never reuse a stale set.
-        recipe = CalibrationRecipe(model=f"{loaded.description}; weights {weights_fingerprint(loaded.transformer)}",
-                                   sampler=sampler, **args)
-        self.path = calibration_path(self.cache_dir, recipe)
-        if self.path.is_file():
-            log.info("reusing calibration set %s", self.path)
-            data = load_calibration_set(self.path, recipe)
-        else:
-            log.info("recording calibration set %s (%d steps x %d samples)", self.path, recipe.num_timesteps,
-                     recipe.samples_per_timestep)
-            c = loaded.config
-            device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-            data = record_calibration_set(loaded.transformer.to(device), recipe,
-                                          (c.in_channels, c.input_size, c.input_size))
-            check_finite_calibration(data, "recording the calibration set")
-            save_calibration_set(data, recipe, self.path)
-        null = loaded.transformer.config.num_embeds_ada_norm
+        loaded = load_dit(dit)  # a fresh FP copy: the LightningModule's model is already wrapped
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        calibration, self.path = load_or_record(loaded, sampler, self.cache_dir, device=device, **args)
         del loaded
         gc.collect()
-        return CalibrationSet(data, null_label=null, guidance=recipe.sampler.cfg_scale > 1.0)
+        return calibration
 
     def train_dataloader(self) -> DataLoader:
         # fit's batches are step numbers: the LightningModule draws calibration data itself (a full pass to observe

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,8 @@ from torch.utils.data import Dataset
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -186,3 +189,33 @@ class CalibrationSet(Dataset):
 def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate entries (each one row, or a cond/null pair) into one batch."""
     return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+
+
+def load_or_record(loaded, sampler: SamplerConfig, cache_dir: str | Path, num_timesteps: Optional[int] = 25,
+                   samples_per_timestep: int = 32, seed: int = 0, classes: Optional[tuple[int, ...]] = None,
+                   device: Optional[torch.device] = None) -> tuple["CalibrationSet", Path]:
+    """The calibration set of ``loaded`` (a ``LoadedDiT``, FP) for this recipe: reused from ``cache_dir`` when a
+    file with the same recipe exists there, else recorded from the FP sampler and saved. Returns it and its file.
+
+    The FP weights' fingerprint is part of the recipe, so retrained or edited weights never reuse a stale set.
+    ``num_timesteps`` None records every step of the sampler's trajectory (DiTAS)."""
+    from ditquant.models.loading import weights_fingerprint
+
+    recipe = CalibrationRecipe(model=f"{loaded.description}; weights {weights_fingerprint(loaded.transformer)}",
+                               sampler=sampler, num_timesteps=sampler.num_steps if num_timesteps is None
+                               else num_timesteps, samples_per_timestep=samples_per_timestep, seed=seed,
+                               classes=tuple(classes) if classes is not None else None)
+    path = calibration_path(Path(cache_dir), recipe)
+    if path.is_file():
+        log.info("reusing calibration set %s", path)
+        data = load_calibration_set(path, recipe)
+    else:
+        log.info("recording calibration set %s (%d steps x %d samples)", path, recipe.num_timesteps,
+                 recipe.samples_per_timestep)
+        c = loaded.config
+        data = record_calibration_set(loaded.transformer.to(device or torch.device("cpu")), recipe,
+                                      (c.in_channels, c.input_size, c.input_size))
+        check_finite_calibration(data, "recording the calibration set")
+        save_calibration_set(data, recipe, path)
+    null = loaded.transformer.config.num_embeds_ada_norm
+    return CalibrationSet(data, null_label=null, guidance=recipe.sampler.cfg_scale > 1.0), path

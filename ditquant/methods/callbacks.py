@@ -30,12 +30,11 @@ from ditquant.methods.balancing import balance_model
 from ditquant.methods.gptq import check_options, quantize_model_gptq
 from ditquant.methods.granularity import (SEARCH_SPACE, EvolutionarySearch, EvolutionSettings, cost,
                                           layer_group_sizes, search_genes)
+from ditquant.methods.low_rank import compensate_low_rank
 from ditquant.methods.smoothing import ALPHA_GRID, check_alphas, smooth_model
-from ditquant.models.layout import BLOCK_LINEAR_ROLES, ROLES, role_of
+from ditquant.models.layout import BLOCK_LINEAR_ROLES, ROLES
 from ditquant.quant.apply import apply_group_sizes
-from ditquant.quant.lora import check_rank
 from ditquant.quant.modules import quant_disabled, quant_layers
-from ditquant.quant.quantizer import quantize_tensor
 
 log = logging.getLogger(__name__)
 
@@ -165,17 +164,7 @@ class LowRankCompensation(Preprocessing):
             raise UserError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
 
     def apply(self, model: nn.Module, calibration: Dataset) -> dict:
-        wrapped = {m.name: m for m in quant_layers(model) if role_of(m.name) in self.roles}
-        if not wrapped:
-            raise UserError(f"LowRankCompensation: no quantized layer has a role in {self.roles}")
-        for name, layer in wrapped.items():  # every rank checked before any work
-            check_rank(self.rank, layer.layer.weight, f"LowRankCompensation.rank ({name})")
-        report = {"rank": self.rank, "rtn_error": {}, "error": {}}
-        for name, layer in wrapped.items():
-            w = layer.layer.weight
-            report["rtn_error"][name] = (w - quantize_tensor(w, layer.weight_quantizer.spec, True)).norm().item()
-            report["error"][name] = min(layer.compensate_low_rank(self.rank, self.iterations))
-        return report
+        return compensate_low_rank(model, self.rank, self.iterations, self.roles)
 
 
 class GranularitySearch(Preprocessing):

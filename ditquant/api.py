@@ -1,0 +1,125 @@
+"""The Python API: every step ``ditquant fit`` / ``ditquant test`` run, as plain functions (no Lightning).
+
+    import ditquant as dq
+
+    loaded = dq.load("bundled")                                          # a LoadedDiT: transformer, VAE, config
+    sampler = dq.SamplerConfig(kind="ddpm", num_steps=50, cfg_scale=1.5)
+    calibration = dq.calibration_set(loaded, sampler, num_timesteps=25, samples_per_timestep=32)
+    model = dq.quantize(loaded.transformer, dq.QuantConfig(weight=dq.QuantSpec(bits=4, granularity="channel")))
+    dq.balance(model, calibration)                                       # PTQ4DiT's CSB + SSC, folded (optional)
+    dq.calibrate(model, calibration)                                     # static activation ranges
+    dq.reconstruct(model, calibration, dq.ReconstructionConfig(iterations=500))
+    images = dq.generate(model, labels=torch.arange(10), sampler=sampler)  # noise seeded per index, as ditquant test
+    dq.save_quantized(model, "runs/mine/quantized", dq.DiTSource("bundled"), config)
+
+Each function does what the CLI does at that step, in the same order, so a script built from them reproduces a
+``ditquant fit`` of the same settings exactly (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ditquant.calibration.dataset import CalibrationSet, collate_pairs, load_or_record
+from ditquant.calibration.observe import observe_activation_ranges
+from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.evaluation.sampling import seeded_noise, step_generators
+from ditquant.methods.balancing import balance_model
+from ditquant.methods.gptq import check_options, quantize_model_gptq
+from ditquant.methods.low_rank import compensate_low_rank
+from ditquant.methods.smoothing import ALPHA_GRID, check_alphas, smooth_model
+from ditquant.models.layout import BLOCK_LINEAR_ROLES
+from ditquant.models.loading import DiTSource, LoadedDiT, load_dit
+from ditquant.quant.apply import quantize_model
+from ditquant.quant.config import QuantConfig
+from ditquant.quant.modules import quant_disabled
+from ditquant.reconstruction.config import ReconstructionConfig
+from ditquant.reconstruction.reconstructor import BlockReconstructor
+
+
+def load(source: str | Path = "bundled", **options) -> LoadedDiT:
+    """A pretrained DiT: ``bundled``, an original checkpoint, a diffusers folder or pipeline, or a hub id;
+    ``options`` are ``DiTSource``'s (``name``, ``vae``, architecture checks, ...)."""
+    return load_dit(DiTSource(source=str(source), **options))
+
+
+def calibration_set(loaded: LoadedDiT, sampler: SamplerConfig = SamplerConfig(), num_timesteps: Optional[int] = 25,
+                    samples_per_timestep: int = 32, seed: int = 0, classes: Optional[Sequence[int]] = None,
+                    cache_dir: str | Path = "runs/calibration") -> CalibrationSet:
+    """The timestep-stratified calibration set of the FP model ``loaded`` (recorded from ``sampler``, or reused from
+    ``cache_dir`` when the same recipe was recorded before). Call it before quantizing ``loaded.transformer``."""
+    device = next(loaded.transformer.parameters()).device
+    calibration, _ = load_or_record(loaded, sampler, cache_dir, num_timesteps, samples_per_timestep, seed,
+                                    tuple(classes) if classes is not None else None, device)
+    return calibration
+
+
+def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Wrap ``model``'s layers in quantized layers per ``config``, in place (weights round-to-nearest)."""
+    return quantize_model(model, config)
+
+
+def calibrate(model: nn.Module, calibration: CalibrationSet, batch_size: int = 32) -> None:
+    """Observe the static activation ranges over the calibration set (``data.batch_size`` entries per batch)."""
+    observe_activation_ranges(model, _batches(calibration, batch_size))
+
+
+def reconstruct(model: nn.Module, calibration: CalibrationSet, config: ReconstructionConfig,
+                spill_dir: Optional[str | Path] = None, on_step: Optional[Callable[[dict], None]] = None) -> list[dict]:
+    """Block reconstruction (AdaRound + activation step sizes) of a calibrated model; returns the per-unit losses."""
+    reconstructor = BlockReconstructor(model, config, calibration, Path(spill_dir) if spill_dir else None)
+    reconstructor.run(on_step)
+    return reconstructor.summary
+
+
+def balance(model: nn.Module, calibration: CalibrationSet, salience: str = "ssc", batch_size: int = 32) -> dict:
+    """PTQ4DiT's salience balancing (CSB, with SSC or the middle timestep), folded into the weights. Run it after
+    ``quantize`` and before ``calibrate``."""
+    with quant_disabled(model):
+        return {"salience": salience, **balance_model(model, calibration, salience=salience, batch_size=batch_size)}
+
+
+def smooth(model: nn.Module, calibration: CalibrationSet, alphas: Sequence[float] = ALPHA_GRID,
+           alpha: Optional[float] = None, batch_size: int = 32) -> dict:
+    """DiTAS's temporal-aggregated smoothing with the per-input α search (or one fixed ``alpha``), folded."""
+    grid = check_alphas(list(alphas))
+    if alpha is not None:
+        check_alphas([alpha])
+    with quant_disabled(model):
+        return smooth_model(model, calibration, grid, alpha, batch_size)
+
+
+def low_rank(model: nn.Module, rank: int = 32, iterations: int = 10,
+             roles: Sequence[str] = BLOCK_LINEAR_ROLES) -> dict:
+    """DiTAS's training-free LoRA for the weights of the layers of ``roles`` (after any smoothing)."""
+    return compensate_low_rank(model, rank, iterations, list(roles))
+
+
+def gptq(model: nn.Module, calibration: CalibrationSet, batch_size: int = 32, blocksize: int = 128,
+         damping: float = 0.01) -> dict:
+    """GPTQ weights (Q-DiT), Hessians from the calibration set; replaces round-to-nearest."""
+    check_options(blocksize, damping)
+    return quantize_model_gptq(model, _batches(calibration, batch_size), blocksize, damping)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, labels: torch.Tensor, sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+           indices: Optional[torch.Tensor] = None, vae=None, latent_scale: float = 1.0) -> torch.Tensor:
+    """Images in [-1, 1] for ``labels``; sample i gets the noise of (seed, indices[i]) exactly as ``ditquant test``
+    draws it (default indices 0, 1, ...), so FP and quantized models can be compared sample by sample."""
+    config = model.config
+    device = labels.device
+    indices = torch.arange(len(labels)) if indices is None else indices
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    x = sample(model, seeded_noise(indices, shape, seed, 0).to(device), labels, sampler,
+                step_generators(indices, seed, device))
+    return (vae.decode(x / latent_scale).sample if vae is not None else x).clamp(-1, 1)
+
+
+def _batches(calibration: CalibrationSet, batch_size: int) -> DataLoader:
+    return DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs)
