@@ -391,3 +391,35 @@ def test_internal_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr("ditquant.cli.DitQuantCLI", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         run("fit", "--config", "configs/rtn_w8a8.yaml")
+
+
+# ---- the console: progress without a terminal, the bar's items ----
+
+class _Fit:
+    """What the progress callbacks read of a trainer and a LightningModule mid-fit."""
+
+    class state:
+        fn = "fit"
+
+    callback_metrics = {"loss": torch.tensor(0.25)}
+    progress_bar_metrics = {"loss": 0.25, "unit": 3.0}
+    loggers: list = []
+
+    @staticmethod
+    def progress() -> dict:
+        return {"step": 40, "total": 100, "finished": False, "where": "fit step 40 of 100: ...",
+                "short": "unit 3/11 transformer_blocks.1", "start_step": 0}
+
+
+def test_progress_lines_without_a_terminal_and_the_bar_items(caplog):
+    import logging
+
+    from ditquant.console import FitProgressBar, ProgressLines
+
+    lines = ProgressLines(every_s=0.0)
+    lines.on_train_start(_Fit, _Fit)
+    with caplog.at_level(logging.INFO, logger="ditquant.console"):
+        lines.on_train_batch_end(_Fit, _Fit, None, None, 0)
+    assert "fit step 40/100, unit 3/11 transformer_blocks.1, loss 0.25, about" in caplog.text
+    items = FitProgressBar().get_metrics(_Fit, _Fit)
+    assert items["step"] == "40/100" and items["at"] == "unit 3/11 transformer_blocks.1" and "unit" not in items
