@@ -32,7 +32,7 @@ def answer(*args: str) -> tuple[int, str]:
     """Exit status and message: the SystemExit text, or else the last line ditquant / the parser wrote to stderr."""
     err = io.StringIO()
     try:
-        with contextlib.redirect_stderr(err):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             main(list(args))
     except SystemExit as e:
         if isinstance(e.code, str):
