@@ -187,15 +187,11 @@ def _validate_callbacks(callbacks) -> None:
             raise UserError(f"trainer.callbacks[{i}]: no class {cb.class_path}") from None
         init_args = cb.get("init_args")
         kwargs = dict(vars(init_args)) if isinstance(init_args, Namespace) else {}
+        hints = typing.get_type_hints(cls.__init__)
         try:
-            _build_call(cls, kwargs, f"trainer.callbacks[{i}] ({name})")
+            cls(**{k: _build(hints[k], v, k) if k in hints else v for k, v in kwargs.items()})
         except UserError as e:
             raise UserError(f"trainer.callbacks[{i}] ({name}): {e}") from None
-
-
-def _build_call(cls, kwargs: dict, path: str) -> None:
-    hints = typing.get_type_hints(cls.__init__)
-    cls(**{k: _build(hints[k], v, f"{path}.{k}") if k in hints else v for k, v in kwargs.items()})
 
 
 def _build(hint, value, path: str):

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ditquant import interrupt
 from ditquant.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -60,9 +61,7 @@ def committed_folder(folder: str | Path, files: tuple[str, ...]) -> Iterator[Pat
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)
     yield folder
-    from ditquant import interrupt  # a stop requested while writing leaves the artifact uncommitted
-
-    interrupt.check()
+    interrupt.check()  # a stop requested while writing leaves the artifact uncommitted
     sums = {name: file_sha256(folder / name) for name in files}
     with atomic_write(folder / MANIFEST) as tmp:
         tmp.write_text(json.dumps({"files": sums}, indent=1) + "\n")

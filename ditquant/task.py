@@ -31,13 +31,14 @@ from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, writ
 from ditquant.integer.convert import to_integer
 from ditquant.integer.export import load_integer as load_integer_model
 from ditquant.methods.callbacks import Preprocessing
-from ditquant.models.dit import DiTConfig
 from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_temporaries
+from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
 from ditquant.quant.apply import (apply_group_sizes, quantization_table, quantize_model, uncalibrated_layers,
                                   weight_sqnr_db)
 from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
 from ditquant.quant.config import QuantConfig
+from ditquant.quant.modules import activation_quantizers, quant_layers
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
 
@@ -206,8 +207,6 @@ class DiTQuantization(L.LightningModule):
             return (f"fit: {self.num_fit_steps()} step: activation ranges observed over the calibration set; "
                     "weights round-to-nearest (or set by the method's pre-processing); nothing is trained")
         stages = plan_stages(self.transformer, self.reconstruction)
-        from ditquant.quant.modules import activation_quantizers, quant_layers
-
         rounding = sum(m.layer.weight.numel() for m in quant_layers(self.transformer) if m.learns_rounding)
         steps = sum(q.scale.numel() for q in activation_quantizers(self.transformer) if q.scale is not None)
         return (f"fit: {self.num_fit_steps()} steps over {len(stages)} reconstruction stages "

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.models.loading import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,6 @@ def load_or_record(loaded, sampler: SamplerConfig, cache_dir: str | Path, num_ti
 
     The FP weights' fingerprint is part of the recipe, so retrained or edited weights never reuse a stale set.
     ``num_timesteps`` None records every step of the sampler's trajectory (DiTAS)."""
-    from ditquant.models.loading import weights_fingerprint
-
     recipe = CalibrationRecipe(model=f"{loaded.description}; weights {weights_fingerprint(loaded.transformer)}",
                                sampler=sampler, num_timesteps=sampler.num_steps if num_timesteps is None
                                else num_timesteps, samples_per_timestep=samples_per_timestep, seed=seed,

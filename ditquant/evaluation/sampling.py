@@ -19,6 +19,7 @@ from PIL import Image
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.evaluation.features import IMAGE_SIZE
 from ditquant.models.dit import DiTConfig
 from ditquant.quant.modules import quant_disabled
 
@@ -61,8 +62,6 @@ def check_feature_input(kind: str, dit: DiTConfig, latent: bool, option: str = "
     other size would be resized and scored against statistics they do not match, so that is refused."""
     if kind != "fashion-mnist":
         return
-    from ditquant.evaluation.features import IMAGE_SIZE
-
     size = dit.input_size * (8 if latent else 1)  # SD-VAE decodes 8x
     channels = 3 if latent else dit.in_channels
     if size != IMAGE_SIZE or channels not in (1, 3):
