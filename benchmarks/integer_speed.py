@@ -34,7 +34,7 @@ from ditquant.integer.export import save_integer
 from ditquant.integer.linear import IntLinear
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.loading import DiTSource
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec

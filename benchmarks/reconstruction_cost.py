@@ -26,7 +26,7 @@ import torch
 from ditquant.calibration.dataset import CalibrationSet
 from ditquant.models.bundled.train_dit import BUNDLED_CONFIG
 from ditquant.models.dit import DiTConfig, build_dit
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec

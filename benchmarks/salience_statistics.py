@@ -26,7 +26,7 @@ from ditquant.calibration.datamodule import CalibrationData
 from ditquant.calibration.dataset import collate_pairs
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.methods.balancing import balancing_factors, fold_balancing, salience_per_timestep
-from ditquant.methods.folding import input_weights
+from ditquant.models.folding import input_weights
 from ditquant.methods.salience import activation_salience, spearman, weight_salience
 from ditquant.models.layout import BALANCED_INPUTS, transformer_blocks
 from ditquant.models.loading import DiTSource, load_dit

@@ -29,15 +29,14 @@ from ditquant.calibration.dataset import CalibrationSet, collate_pairs, load_or_
 from ditquant.calibration.observe import observe_activation_ranges
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.evaluation.sampling import seeded_noise, step_generators
-from ditquant.methods.balancing import balance_model
-from ditquant.methods.gptq import check_options, quantize_model_gptq
-from ditquant.methods.low_rank import compensate_low_rank
-from ditquant.methods.smoothing import ALPHA_GRID, check_alphas, smooth_model
+from ditquant.evaluation.sample_fid import sample_set_scorer
+from ditquant.methods import (GPTQ, GranularitySearch, LowRankCompensation, Method, MethodContext, SalienceBalancing,
+                              TemporalSmoothing, run_methods)
+from ditquant.methods.smoothing import ALPHA_GRID
 from ditquant.models.layout import BLOCK_LINEAR_ROLES
 from ditquant.models.loading import DiTSource, LoadedDiT, load_dit
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
-from ditquant.quant.modules import quant_disabled
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor
 
@@ -80,31 +79,48 @@ def reconstruct(model: nn.Module, calibration: CalibrationSet, config: Reconstru
 def balance(model: nn.Module, calibration: CalibrationSet, salience: str = "ssc", batch_size: int = 32) -> dict:
     """PTQ4DiT's salience balancing (CSB, with SSC or the middle timestep), folded into the weights. Run it after
     ``quantize`` and before ``calibrate``."""
-    with quant_disabled(model):
-        return {"salience": salience, **balance_model(model, calibration, salience=salience, batch_size=batch_size)}
+    return _run(model, calibration, SalienceBalancing(salience=salience, batch_size=batch_size))
 
 
 def smooth(model: nn.Module, calibration: CalibrationSet, alphas: Sequence[float] = ALPHA_GRID,
            alpha: Optional[float] = None, batch_size: int = 32) -> dict:
     """DiTAS's temporal-aggregated smoothing with the per-input α search (or one fixed ``alpha``), folded."""
-    grid = check_alphas(list(alphas))
-    if alpha is not None:
-        check_alphas([alpha])
-    with quant_disabled(model):
-        return smooth_model(model, calibration, grid, alpha, batch_size)
+    return _run(model, calibration, TemporalSmoothing(alphas=list(alphas), alpha=alpha, batch_size=batch_size))
 
 
 def low_rank(model: nn.Module, rank: int = 32, iterations: int = 10,
              roles: Sequence[str] = BLOCK_LINEAR_ROLES) -> dict:
     """DiTAS's training-free LoRA for the weights of the layers of ``roles`` (after any smoothing)."""
-    return compensate_low_rank(model, rank, iterations, list(roles))
+    return _run(model, None, LowRankCompensation(rank=rank, iterations=iterations, roles=list(roles)))
 
 
 def gptq(model: nn.Module, calibration: CalibrationSet, batch_size: int = 32, blocksize: int = 128,
          damping: float = 0.01) -> dict:
-    """GPTQ weights (Q-DiT), Hessians from the calibration set; replaces round-to-nearest."""
-    check_options(blocksize, damping)
-    return quantize_model_gptq(model, _batches(calibration, batch_size), blocksize, damping)
+    """GPTQ weights (Q-DiT), Hessians from the calibration set in batches of ``batch_size``; replaces
+    round-to-nearest."""
+    return _run(model, calibration, GPTQ(blocksize=blocksize, damping=damping), MethodContext(batch_size=batch_size))
+
+
+def search_group_sizes(model: nn.Module, loaded: LoadedDiT, quant: QuantConfig, sampler: SamplerConfig,
+                       search: Optional[GranularitySearch] = None, output_dir: str | Path = ".") -> QuantConfig:
+    """Q-DiT's group-size search (``search``'s options; default the paper's), candidates scored by the sample-set
+    FID of ``loaded``'s model sampled with ``sampler``; applies the best sizes to ``model`` and returns the config
+    with them (also written to ``output_dir/group_sizes.yaml``)."""
+    found = {}
+    ctx = MethodContext(quant=quant, set_quant=lambda q: found.setdefault("quant", q), output_dir=Path(output_dir),
+                        scorer=sample_set_fid(loaded, sampler))
+    _run(model, None, search or GranularitySearch(), ctx)
+    return found.get("quant", quant)
+
+
+def sample_set_fid(loaded: LoadedDiT, sampler: SamplerConfig, features: str = "auto"):
+    """``MethodContext.scorer`` for ``loaded``'s model: a searching method's options -> a FID-of-a-seeded-sample-set
+    score of a model (lower is better)."""
+    return sample_set_scorer(loaded.config, loaded.source, sampler, features, loaded.vae, loaded.latent_scale)
+
+
+def _run(model: nn.Module, calibration, method: Method, ctx: Optional[MethodContext] = None) -> dict:
+    return run_methods(model, calibration, [method], ctx)[0]
 
 
 @torch.no_grad()

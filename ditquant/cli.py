@@ -11,7 +11,6 @@ Exit status (README, "Exit codes"): 0 done; 1 bad input (one line, ``ditquant: e
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -30,8 +29,10 @@ from ditquant import console, interrupt
 from ditquant.calibration.datamodule import CalibrationData
 from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
 from ditquant.errors import Interrupted, StoppedEarly, UserError
+from ditquant.options import build
 from ditquant.io import InputPath, atomic_write, check_writable_dir, resolve_input_path
-from ditquant.methods.callbacks import Preprocessing
+from ditquant.callbacks import MethodCallback
+from ditquant.methods import METHODS, check_order
 from ditquant.task import DiTQuantization
 
 USER_ERRORS = (UserError, FileNotFoundError, ConnectionError)
@@ -47,7 +48,9 @@ class OneLineErrorParser(LightningArgumentParser):
     def error(self, message: str, ex=None):
         if not self.exit_on_error or os.environ.get("DITQUANT_DEBUG"):
             return super().error(message, ex)  # jsonargparse trying alternatives, or asked for everything
-        sys.stderr.write(f"ditquant: error: {condense_parser_error(message)} (`ditquant fit --help` lists the "
+        moved = re.search(r"ditquant\.methods\.callbacks\.\w+", message)
+        hint = _moved_method(moved.group(0)) if moved else ""
+        sys.stderr.write(f"ditquant: error: {condense_parser_error(message)}{hint} (`ditquant fit --help` lists the "
                          "options)\n")
         sys.exit(2)
 
@@ -135,11 +138,11 @@ class DitQuantCLI(LightningCLI):
                 raise UserError(f"{self.trainer.default_root_dir} already holds a fit checkpoint ({last}): resume it "
                                 "with --ckpt_path last, or start over with --overwrite true")
             last.unlink()  # --overwrite: this fit replaces the folder's checkpoint (and, at its start, quantized/)
-        # Pre-processing options that cannot fit this model fail now, not after the calibration set is recorded.
+        # Method options that cannot fit this model fail now, not after the calibration set is recorded.
         self.model.configure_model()
         for cb in self.trainer.callbacks:
-            if isinstance(cb, Preprocessing):
-                cb.check(self.model)
+            if isinstance(cb, MethodCallback):
+                self.model.check_method(cb.method)
 
     def after_fit(self) -> None:
         if not self.model.progress()["finished"]:  # limits end the fit in FitCheckpoint; this is the safety net
@@ -171,12 +174,14 @@ def _validate_dataclasses(fn, namespace: Namespace, path: str) -> None:
     hints = typing.get_type_hints(fn)
     for name, value in vars(namespace).items():
         if name in hints:
-            _build(hints[name], value, f"{path}.{name}")
+            build(hints[name], value, f"{path}.{name}")
 
 
 def _validate_callbacks(callbacks) -> None:
     """Build each configured callback once so that its option errors name it, instead of jsonargparse's dump of
-    every subclass it tried (the instances are discarded; LightningCLI builds the real ones)."""
+    every subclass it tried (the instances are discarded; LightningCLI builds the real ones); then check the
+    order of the methods they run."""
+    methods: dict[int, MethodCallback] = {}
     for i, cb in enumerate(callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []):
         if not isinstance(cb, Namespace) or not isinstance(cb.get("class_path"), str):
             continue
@@ -184,45 +189,30 @@ def _validate_callbacks(callbacks) -> None:
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
-            raise UserError(f"trainer.callbacks[{i}]: no class {cb.class_path}") from None
+            raise UserError(f"trainer.callbacks[{i}]: no class {cb.class_path}{_moved_method(cb.class_path)}"
+                            ) from None
         init_args = cb.get("init_args")
         kwargs = dict(vars(init_args)) if isinstance(init_args, Namespace) else {}
         hints = typing.get_type_hints(cls.__init__)
         try:
-            cls(**{k: _build(hints[k], v, k) if k in hints else v for k, v in kwargs.items()})
+            built = cls(**{k: build(hints[k], v, k) if k in hints else v for k, v in kwargs.items()})
         except UserError as e:
-            raise UserError(f"trainer.callbacks[{i}] ({name}): {e}") from None
+            where = f"trainer.callbacks[{i}]" + (f".{e}" if str(e).startswith("init_args.") else f" ({name}): {e}")
+            raise UserError(where) from None
+        if isinstance(built, MethodCallback):
+            methods[i] = built
+    order = list(methods)
+    check_order([methods[i].method for i in order], where=lambda k: f"trainer.callbacks[{order[k]}]")
 
 
-def _build(hint, value, path: str):
-    """``value`` (a Namespace / list of them / plain value) as ``hint`` requires; UserError names ``path``."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        return None if value is None else _build(args[0], value, path)
-    if typing.get_origin(hint) is list and args and isinstance(value, list):
-        return [_build(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if not (dataclasses.is_dataclass(hint) and isinstance(value, (Namespace, dict))):
-        return value
-    hints = typing.get_type_hints(hint)
-    fields = {f.name for f in dataclasses.fields(hint)}
-    kwargs = {k: _build(hints[k], v, f"{path}.{k}") for k, v in dict(vars(value) if isinstance(value, Namespace)
-                                                                       else value).items() if k in fields}
-    try:
-        return hint(**kwargs)
-    except UserError as e:
-        raise UserError(_qualify(path, str(e), hint)) from None
-
-
-def _qualify(path: str, message: str, cls) -> str:
-    """Prefix a dataclass's message with the option path it came from, merging the prefix it may already have."""
-    parent, _, last = path.rpartition(".")
-    for prefix in (f"{last}.", f"{cls.__name__}."):
-        if message.startswith(prefix):
-            return f"{path}.{message[len(prefix):]}"
-    field = re.match(r"(\w+)[:\s]", message)
-    if field and field.group(1) in {f.name for f in dataclasses.fields(cls)}:
-        return f"{path}.{message}"
-    return f"{path}: {message}"
+def _moved_method(class_path: str) -> str:
+    """A hint for configs written for ditquant 0.1, whose methods were one callback class each."""
+    old = class_path.removeprefix("ditquant.methods.callbacks.")
+    new = next((name for name, cls in METHODS.items() if cls.__name__ == old), None)
+    if old == class_path or new is None:
+        return ""
+    return (f" ({class_path} is gone: methods now run through one callback, {{class_path: ditquant.MethodCallback, "
+            f"init_args: {{method: {new}, options: {{...}}}}}}, the options as before)")
 
 
 def _resume_command() -> str:

@@ -30,12 +30,13 @@ from ditquant.errors import UserError
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
 from ditquant.integer.convert import to_integer
 from ditquant.integer.export import load_integer as load_integer_model
-from ditquant.methods.callbacks import Preprocessing
+from ditquant.evaluation.sample_fid import sample_set_scorer
+from ditquant.methods.base import Method, MethodContext, run_method
 from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_temporaries
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
-from ditquant.quant.apply import (apply_group_sizes, quantization_table, quantize_model, uncalibrated_layers,
-                                  weight_sqnr_db)
+from ditquant.models.adapters import quantize_model
+from ditquant.quant.apply import apply_group_sizes, quantization_table, uncalibrated_layers, weight_sqnr_db
 from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import activation_quantizers, quant_layers
@@ -114,7 +115,10 @@ class DiTQuantization(L.LightningModule):
         elif self.quant is not None:
             if self.load_quantized is not None and not self.quant.layer_group_sizes:  # a searched layout
                 self.quant = replace(self.quant, layer_group_sizes=saved_layer_group_sizes(self.load_quantized))
-            quantize_model(self.transformer, self.quant)
+            try:
+                quantize_model(self.transformer, self.quant)
+            except UserError as e:  # name the option as the user wrote it
+                raise UserError(f"model.{e}" if str(e).startswith("quant.") else str(e)) from None
             if self.load_quantized is not None:
                 load_quantized(self.transformer, self.load_quantized, self.dit_source, self.quant)
             Console(stderr=True).print(quantization_table(self.transformer))
@@ -244,6 +248,30 @@ class DiTQuantization(L.LightningModule):
         self.quant = replace(self.quant, layer_group_sizes=dict(sizes))
         apply_group_sizes(self.transformer, self.quant)
 
+    # ---- methods (``ditquant.MethodCallback``): what they may use of this run ----
+
+    def method_context(self, resume: Optional[dict] = None, save_progress=lambda state: None) -> MethodContext:
+        attached = self._trainer is not None
+        data = self.trainer.datamodule if attached else None
+        return MethodContext(
+            batches=data.calibration_loader if data is not None else None,
+            batch_size=data.batch_size if data is not None else 32, quant=self.quant,
+            reconstruction=self.reconstruction,
+            set_quant=lambda quant: self.set_layer_group_sizes(quant.layer_group_sizes),
+            scorer=sample_set_scorer(self.dit_config, self.dit_source, self.sampler, self.evaluation.fid_features,
+                                     self.vae, self.latent_scale, features_option="model.evaluation.fid_features"),
+            output_dir=Path(self.trainer.default_root_dir) if attached else Path("."),
+            resume=resume, save_progress=save_progress)
+
+    def check_method(self, method: Method) -> None:
+        """Refuse a method that cannot fit this model before any work (``ditquant fit`` calls it first)."""
+        method.check(self.transformer, self.method_context())
+
+    def run_method(self, method: Method, resume: Optional[dict] = None, save_progress=lambda state: None) -> dict:
+        ctx = self.method_context(resume, save_progress)
+        method.check(self.transformer, ctx)
+        return run_method(self.transformer, self.trainer.datamodule.calibration, method, ctx)
+
     def _header(self) -> dict:
         """What a checkpoint was made with (every option that changes its numbers) and how far it got."""
         dit = dataclasses.asdict(self.dit_source)
@@ -315,8 +343,8 @@ class DiTQuantization(L.LightningModule):
             save_quantized(self.transformer, root / "quantized", self.dit_source, self.quant)
             summary = {"label": self.quant.label(), "weight_sqnr_db": weight_sqnr_db(self.transformer),
                        "fit_seconds": seconds,
-                       "preprocessing": {cb.name: cb.report for cb in self.trainer.callbacks
-                                         if isinstance(cb, Preprocessing)},
+                       "preprocessing": {cb.method.name: cb.report for cb in self.trainer.callbacks
+                                         if isinstance(getattr(cb, "method", None), Method)},
                        "reconstruction": self.reconstructor.summary if self.reconstructor is not None else []}
             write_json(summary, root / "quantized" / "fit_summary.json")
         log.info("weight SQNR %.2f dB; calibrated model saved to %s", weight_sqnr_db(self.transformer),

@@ -51,9 +51,14 @@ def merged(stack: list[str], key: str):
 def run_args(name: str, stack: list[str], root: Path, calib: Path, scratch: Path) -> list[str]:
     args = [a for path in stack for a in ("--config", str(ROOT / path))]
     callbacks = merged(stack, "trainer.callbacks") or []
-    if any(cb.get("class_path", "").endswith("GranularitySearch") for cb in callbacks):
-        small = [dict(cb, init_args={**(cb.get("init_args") or {}), **TINY_SEARCH})
-                 if cb.get("class_path", "").endswith("GranularitySearch") else cb for cb in callbacks]
+
+    def searches(cb: dict) -> bool:
+        return (cb.get("init_args") or {}).get("method") == "granularity_search"
+
+    if any(searches(cb) for cb in callbacks):
+        small = [dict(cb, init_args={**cb["init_args"], "options": {**(cb["init_args"].get("options") or {}),
+                                                                    **TINY_SEARCH}})
+                 if searches(cb) else cb for cb in callbacks]
         overlay = scratch / f"{name.replace('/', '_')}_tiny_search.yaml"
         overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": small}}))
         args += ["--config", str(overlay)]

@@ -8,7 +8,7 @@ import torch
 from ditquant.cli import main as cli_main
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.dit import build_dit
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.spec import QuantSpec
 from tests.tiny_models import random_dit, tiny_config
@@ -17,10 +17,10 @@ needs_bundled = pytest.mark.skipif(not (DIT_DIR / "config.json").is_file(), reas
 SMALL_SEARCH = """
 trainer:
   callbacks:
-    - class_path: ditquant.methods.callbacks.TemporalSmoothing
-      init_args: {alphas: [0.0, 0.5]}
-    - class_path: ditquant.methods.callbacks.LowRankCompensation
-      init_args: {rank: 4, iterations: 2}
+    - class_path: ditquant.MethodCallback
+      init_args: {method: temporal_smoothing, options: {alphas: [0.0, 0.5]}}
+    - class_path: ditquant.MethodCallback
+      init_args: {method: low_rank_compensation, options: {rank: 4, iterations: 2}}
 """
 
 
@@ -76,8 +76,8 @@ def test_per_sample_activations_make_outputs_independent_of_the_batch():
 def test_bad_ditas_options_are_one_line_errors(tmp_path):
     for bad, message in [("{alpha: 1.5}", r"values in \[0, 1\]"), ("{alphas: [0.5, 2.0]}", r"values in \[0, 1\]")]:
         overlay = tmp_path / "bad.yaml"
-        overlay.write_text("trainer:\n  callbacks:\n    - class_path: ditquant.methods.callbacks.TemporalSmoothing\n"
-                           f"      init_args: {bad}\n")
+        overlay.write_text("trainer:\n  callbacks:\n    - class_path: ditquant.MethodCallback\n"
+                           f"      init_args: {{method: temporal_smoothing, options: {bad}}}\n")
         with pytest.raises(SystemExit, match=message):
             cli_main(["fit", "--config", "configs/ditas_w4a8.yaml", "--config", str(overlay),
                       "--trainer.default_root_dir", str(tmp_path / "run")])

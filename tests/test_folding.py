@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from ditquant.methods.folding import fold_into_modulation, fold_into_value
+from ditquant.models.folding import fold_into_modulation, fold_into_value
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.layout import transformer_blocks

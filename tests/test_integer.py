@@ -14,7 +14,7 @@ from ditquant.integer.linear import IntLinear
 from ditquant.integer.packing import pack_int4, unpack_int4
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.loading import DiTSource, load_dit
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations, quant_layers
 from ditquant.quant.spec import QuantSpec

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from ditquant.methods.folding import fold_into_modulation
+from ditquant.models.folding import fold_into_modulation
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.layout import transformer_blocks
 from ditquant.models.loading import DiTSource, load_dit
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.lora import low_rank_quantize
 from ditquant.quant.modules import quant_disabled, quant_layers
@@ -103,17 +103,13 @@ def test_sample_granularity_needs_dynamic_activations():
         QuantConfig(weight=QuantSpec(bits=4, granularity="sample", dynamic=True))
 
 
-def test_low_rank_callback_works_while_quantizers_are_bypassed():
-    """Pre-processing callbacks run with the quantizers bypassed (FP statistics): LoRA must still quantize."""
-    from types import SimpleNamespace
-
-    from ditquant.methods.callbacks import LowRankCompensation
+def test_low_rank_method_works_while_quantizers_are_bypassed():
+    """Methods with FP statistics run with the quantizers bypassed: LoRA must still quantize."""
+    from ditquant.methods import LowRankCompensation, run_methods
 
     model = tiny_quantized()
-    callback = LowRankCompensation(rank=4, iterations=3)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration=None), ckpt_path=None)
-    callback.on_train_batch_start(trainer, SimpleNamespace(transformer=model), None, 0)
-    report = callback.report
+    assert LowRankCompensation.fp_statistics
+    report = run_methods(model, None, [LowRankCompensation(rank=4, iterations=3)])[0]
     assert set(report["error"]) == {m.name for m in quant_layers(model)}
     assert all(0 < report["error"][n] < report["rtn_error"][n] for n in report["error"])
     with pytest.raises(ValueError, match="rank must be between 1 and min"):

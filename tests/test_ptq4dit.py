@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader
 from ditquant.calibration.dataset import CalibrationSet, collate_pairs
 from ditquant.cli import main as cli_main
 from ditquant.methods.balancing import balancing_factors, fold_balancing
-from ditquant.methods.callbacks import SalienceBalancing
-from ditquant.methods.folding import scale_input_columns
+from ditquant.callbacks import MethodCallback
+from ditquant.methods import SalienceBalancing, run_methods
+from ditquant.models.folding import scale_input_columns
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.layout import BALANCED_INPUTS, VALUE_PROJECTION, transformer_blocks
 from ditquant.models.loading import DiTSource, load_dit
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec
@@ -126,21 +127,27 @@ def test_blocks_without_adaln_modulation_are_a_clear_error():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing was changed
 
 
+class FakeModule(SimpleNamespace):
+    """What MethodCallback uses of the LightningModule."""
+
+    def run_method(self, method, resume=None, save_progress=None):
+        return run_methods(self.transformer, self.calibration, [method])[0]
+
+
 def fake_fit(model, cal, resumed=False):
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(calibration=cal), ckpt_path="last.ckpt" if resumed else None)
-    return trainer, SimpleNamespace(transformer=model)
+    return SimpleNamespace(ckpt_path="last.ckpt" if resumed else None), FakeModule(transformer=model, calibration=cal)
 
 
 def test_callback_balances_once_and_a_resumed_fit_skips_it():
     cal, model = calibration_set(), tiny_model()
     quantize_model(model, W4A8)
-    callback = SalienceBalancing()
+    callback = MethodCallback("salience_balancing")
     trainer, module = fake_fit(model, cal)
     callback.on_train_batch_start(trainer, module, None, 0)
     after_first = {k: v.clone() for k, v in model.state_dict().items()}
     assert callback.report["salience"] == "ssc" and callback.report["timesteps"] == [100, 500, 900]
     callback.on_train_batch_start(trainer, module, None, 1)  # later batches: nothing happens
-    resumed = SalienceBalancing()
+    resumed = MethodCallback("salience_balancing")
     resumed.load_state_dict(callback.state_dict())
     resumed.on_train_batch_start(*fake_fit(model, cal, resumed=True), None, 0)  # resumed: already balanced
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in after_first.items())
@@ -150,7 +157,8 @@ def test_callback_refuses_a_checkpoint_calibrated_without_it():
     model = tiny_model()
     quantize_model(model, W4A8)
     with pytest.raises(ValueError, match="made without it"):
-        SalienceBalancing().on_train_batch_start(*fake_fit(model, calibration_set(), resumed=True), None, 0)
+        callback = MethodCallback("salience_balancing")
+        callback.on_train_batch_start(*fake_fit(model, calibration_set(), resumed=True), None, 0)
 
 
 def test_bad_options_are_clear_errors():

@@ -9,7 +9,8 @@ import yaml
 from ditquant.methods.gptq import HessianAccumulator, gptq_quantize
 from ditquant.methods.granularity import (EvolutionarySearch, EvolutionSettings, cost, gene_key, search_genes)
 from ditquant.models.bundled import DIT_DIR
-from ditquant.quant.apply import apply_group_sizes, quantize_model
+from ditquant.models.adapters import quantize_model
+from ditquant.quant.apply import apply_group_sizes
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import quant_layers
 from ditquant.quant.quantizer import quantize_tensor
@@ -38,11 +39,13 @@ def tiny_search_overlay(folder, population: int, num_samples: int, gptq: bool):
     overlay.write_text(f"""
 trainer:
   callbacks:
-    - class_path: ditquant.methods.callbacks.GranularitySearch
-      init_args: {{budget_group_size: 64, population: {population}, top_k: 2, mutations: 1, crossovers: 1,
-                  generations: 2, num_samples: {num_samples}, batch_size: {num_samples},
-                  sampler: {{kind: ddim, num_steps: 5, cfg_scale: 1.0}}}}
-""" + ("    - class_path: ditquant.methods.callbacks.GPTQ\n" if gptq else ""))
+    - class_path: ditquant.MethodCallback
+      init_args:
+        method: granularity_search
+        options: {{budget_group_size: 64, population: {population}, top_k: 2, mutations: 1, crossovers: 1,
+                   generations: 2, num_samples: {num_samples}, batch_size: {num_samples},
+                   sampler: {{kind: ddim, num_steps: 5, cfg_scale: 1.0}}}}
+""" + ("    - {class_path: ditquant.MethodCallback, init_args: {method: gptq}}\n" if gptq else ""))
     return overlay
 
 
@@ -216,8 +219,8 @@ def test_bad_qdit_options_fail_before_any_work(tmp_path):
                                ("{budget_group_size: 256}", "the constraint cannot be met"),
                                ("{top_k: 60}", "top_k <= population")]:
         overlay = tmp_path / "bad.yaml"
-        overlay.write_text("trainer:\n  callbacks:\n    - class_path: ditquant.methods.callbacks.GranularitySearch\n"
-                           f"      init_args: {init_args}\n")
+        overlay.write_text("trainer:\n  callbacks:\n    - class_path: ditquant.MethodCallback\n"
+                           f"      init_args: {{method: granularity_search, options: {init_args}}}\n")
         with pytest.raises(SystemExit, match=message):
             run("fit", *small_run("configs/qdit_w4a8.yaml", tmp_path / "run", calib, 4, 4, "--config", str(overlay)))
         assert not calib.exists()  # nothing was recorded

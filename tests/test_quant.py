@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from ditquant.models.dit import DiTConfig, build_dit
-from ditquant.quant.apply import quantization_table, quantize_model, uncalibrated_layers, weight_sqnr_db
+from ditquant.models.adapters import quantize_model
+from ditquant.quant.apply import quantization_table, uncalibrated_layers, weight_sqnr_db
 from ditquant.quant.config import LayerOverride, QuantConfig
 from ditquant.quant.modules import observing_activations, quant_disabled, quant_layers
 from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor

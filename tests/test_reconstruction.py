@@ -18,7 +18,8 @@ from ditquant.calibration.dataset import CalibrationSet
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.layout import reconstruction_units
 from ditquant.models.loading import DiTSource
-from ditquant.quant.apply import quantization_table, quantize_model
+from ditquant.models.adapters import quantize_model
+from ditquant.quant.apply import quantization_table
 from ditquant.quant.artifact import load_quantized, save_quantized
 from ditquant.quant.attention import QuantAttnProcessor
 from ditquant.quant.config import QuantConfig

@@ -26,7 +26,7 @@ from ditquant.io import committed_folder, verify_folder
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.artifact import load_quantized, save_quantized
 from ditquant.quant.config import QuantConfig
 from tests.cli_helpers import fit_command, run, small_run

@@ -9,7 +9,7 @@ from ditquant.methods.salience import balancing_factor, weight_salience
 from ditquant.methods.smoothing import (ALPHA_GRID, alpha_losses, check_alphas, fold_smoothing, smoothing_factor,
                                         temporal_max)
 from ditquant.models.layout import transformer_blocks
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import quant_disabled
 from ditquant.quant.quantizer import quantize_tensor

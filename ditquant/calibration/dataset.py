@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
+from ditquant.models.adapters import adapter_for
 from ditquant.models.loading import weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class CalibrationRecipe:
 def record_calibration_set(model: torch.nn.Module, recipe: CalibrationRecipe, latent_shape: tuple[int, int, int],
                            batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Run the FP sampler and record x_t at the recipe's steps: xs (N, M, C, H, W), ts (N,), ys (M,)."""
-    num_classes = model.config.num_embeds_ada_norm
+    num_classes = adapter_for(model).num_classes(model)
     classes = torch.tensor(recipe.classes if recipe.classes is not None else range(num_classes))
     if classes.numel() == 0 or classes.min() < 0 or classes.max() >= num_classes:
         raise UserError(f"calibration classes must lie in [0, {num_classes}), got {recipe.classes}")

@@ -8,6 +8,7 @@ import torch
 
 from ditquant import interrupt
 from ditquant.errors import UserError
+from ditquant.models.adapters import adapter_for
 from ditquant.quant.modules import observing_activations
 
 
@@ -15,11 +16,11 @@ from ditquant.quant.modules import observing_activations
 def observe_activation_ranges(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
     """Run ``model`` (quantized, static quantizers uncalibrated) over ``batches`` ({x, t, y} rows) with every
     quantizer observing its input range; refuse ranges that come out NaN / inf."""
-    device = next(model.parameters()).device
+    adapter = adapter_for(model)
     with observing_activations(model):
         for batch in batches:
             interrupt.check()
-            model(*(batch[k].to(device) for k in ("x", "t", "y")))
+            adapter.forward_batch(model, batch)
     check_finite_quantizers(model)
 
 

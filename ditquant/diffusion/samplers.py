@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from ditquant.diffusion.schedule import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, ddim_timesteps, respaced_timesteps
 from ditquant import interrupt
 from ditquant.errors import UserError
+from ditquant.models.adapters import adapter_for
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -67,12 +68,14 @@ class SamplerConfig:
         return scheduler
 
 
-def guided_eps(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: int,
-               cfg_scale: float, cfg_channels: Optional[int]) -> torch.Tensor:
+def guided_eps(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+               cfg_channels: Optional[int], adapter=None) -> torch.Tensor:
     """Model output at (x, t, y) with classifier-free guidance; one batched forward over cond + uncond."""
+    adapter = adapter or adapter_for(model)
     if cfg_scale == 1.0:
-        return model(x, t, y).sample
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).sample
+        return adapter.forward(model, x, t, y)
+    out = adapter.forward(model, torch.cat([x, x]), torch.cat([t, t]),
+                          torch.cat([y, adapter.null_condition(model, y)]))
     cond, uncond = out.chunk(2)
     c = cfg_channels or x.shape[1]
     guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
@@ -88,14 +91,14 @@ def sample(model: torch.nn.Module, noise: torch.Tensor, labels: torch.Tensor, co
     ``generator`` draws the DDPM step noise; it must live on the device of ``noise``.
     """
     scheduler = config.make_scheduler()
-    null = model.config.num_embeds_ada_norm
+    adapter = adapter_for(model)
     x = noise
     for i, t in enumerate(scheduler.timesteps.tolist()):
         interrupt.check()  # between steps: a stop signal ends sampling here
         if on_step is not None:
             on_step(i, t, x)
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = guided_eps(model, x, t_batch, labels, null, config.cfg_scale, config.cfg_channels)
+        out = guided_eps(model, x, t_batch, labels, config.cfg_scale, config.cfg_channels, adapter)
         if config.kind == "ddim":
             out = out[:, : x.shape[1]]  # DDIM ignores the learned variance
         x = scheduler.step(out, t, x, generator=generator).prev_sample

@@ -78,3 +78,22 @@ class SampleSetFID:
         for images in self._images(model):
             self.fid.update(images, real=False)
         return float(self.fid.compute())
+
+
+
+def sample_set_scorer(dit: DiTConfig, source, default_sampler: SamplerConfig, default_features: str = "auto",
+                      vae=None, latent_scale: float = 1.0, features_option: str = "features"):
+    """``MethodContext.scorer`` for one model: builds a ``SampleSetFID`` from a searching method's options, whose
+    ``sampler: null`` means ``default_sampler`` and ``features: auto`` means ``default_features``
+    (``features_option`` names where that default comes from, for error messages)."""
+    def scorer(sampler: SamplerConfig | None = None, num_samples: int = 800, batch_size: int = 64, seed: int = 0,
+               reference: Literal["fp", "data"] = "fp", features: str = "auto") -> SampleSetFID:
+        resolved = default_features if features == "auto" else features
+        try:
+            return SampleSetFID(dit, source, sampler or default_sampler, num_samples, batch_size, seed, reference,
+                                resolved, vae, latent_scale)
+        except UserError as e:
+            where = f"features: auto = {features_option}" if features == "auto" else "features"
+            raise UserError(f"{where} ({resolved!r}): {e}") from None
+
+    return scorer

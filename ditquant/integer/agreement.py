@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditquant.models.layout import transformer_blocks
+from ditquant.models.adapters import adapter_for
 
 
 def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -17,7 +17,7 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 @torch.no_grad()
 def block_sqnr(fake: nn.Module, integer: nn.Module, *inputs) -> list[float]:
     """SQNR (dB) of every integer block's output against the fake block's, on the fake model's block inputs."""
-    fake_blocks, int_blocks = transformer_blocks(fake), transformer_blocks(integer)
+    fake_blocks, int_blocks = adapter_for(fake).blocks(fake), adapter_for(integer).blocks(integer)
     results: list[float] = []
 
     def compare(index):

@@ -22,7 +22,7 @@ from ditquant.integer.convert import integer_shell
 from ditquant.integer.linear import IntLinear
 from ditquant.io import atomic_write, committed_folder, verify_folder
 from ditquant.models.dit import DiTConfig, build_dit, config_of
-from ditquant.quant.apply import quantize_model
+from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import QuantLayer
 

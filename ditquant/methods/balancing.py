@@ -9,17 +9,19 @@ calibration timestep (the paper's "CSB only" ablation). The factors are folded i
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ditquant.errors import UserError
-from ditquant.methods.folding import fold_into_modulation, fold_into_value, input_weights, require_modulation
+from ditquant.methods.base import Method, register
+from ditquant.models.folding import input_weights, require_modulation
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
-from ditquant.models.layout import BALANCED_INPUTS, transformer_blocks
+from ditquant.models.adapters import adapter_for
 
 
 def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: int = 32
@@ -33,7 +35,8 @@ def salience_per_timestep(model: nn.Module, calibration: Dataset, batch_size: in
             s = activation_salience(x[t == value])
             per_t[value] = torch.maximum(per_t[value], s) if value in per_t else s
 
-    visit_block_inputs(model, calibration, BALANCED_INPUTS, visit, batch_size)
+    visit_block_inputs(model, calibration, adapter_for(model).input_groups(model, exact_only=True), visit,
+                       batch_size)
     timesteps = sorted(next(iter(stats.values())))
     return timesteps, {k: torch.stack([v[t] for t in timesteps]) for k, v in stats.items()}
 
@@ -47,8 +50,9 @@ def balancing_factors(model: nn.Module, calibration: Dataset, salience: Literal[
     require_modulation(model)
     timesteps, per_t = salience_per_timestep(model, calibration, batch_size)
     factors, report = {}, {"timesteps": timesteps, "eta": {}, "factor_range": {}}
-    for b, block in enumerate(transformer_blocks(model)):
-        for name, sharing in BALANCED_INPUTS.items():
+    adapter = adapter_for(model)
+    for b, block in enumerate(adapter.blocks(model)):
+        for name, sharing in adapter.input_groups(model, exact_only=True).items():
             sw = weight_salience([input_weights(block, sharing)])
             sx_t = per_t[(b, name)]
             if salience == "ssc":
@@ -64,12 +68,7 @@ def balancing_factors(model: nn.Module, calibration: Dataset, salience: Literal[
 @torch.no_grad()
 def fold_balancing(model: nn.Module, factors: dict[tuple[int, str], torch.Tensor]) -> None:
     """Fold each factor: q/k/v's and fc1's into the adaLN modulation, the attention output's into V's rows."""
-    for b, block in enumerate(transformer_blocks(model)):
-        for name in BALANCED_INPUTS:
-            if name == "attn_out":
-                fold_into_value(block, factors[(b, name)])
-            else:
-                fold_into_modulation(block, name, factors[(b, name)])
+    adapter_for(model).rescale_inputs(model, factors)
 
 
 def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc", "mid"] = "ssc",
@@ -78,3 +77,37 @@ def balance_model(model: nn.Module, calibration: Dataset, salience: Literal["ssc
     factors, report = balancing_factors(model, calibration, salience, batch_size)
     fold_balancing(model, factors)
     return report
+
+
+@register
+@dataclass
+class SalienceBalancing(Method):
+    """PTQ4DiT's channel-wise salience balancing (CSB), folded into the weights (no online division).
+
+    For q/k/v (one factor, shared input), the attention output projection and fc1 of every block, the activation
+    is divided by f_j = √(s(X_j)/s(W_j)) and the weight columns multiplied by it; the division is folded into the
+    adaLN modulation (q/k/v, fc1) and the V projection's rows (attention output). Statistics come from FP forwards
+    over the whole calibration set.
+
+    Args:
+        salience: ``ssc``: s(X) = Σ_t softmax(−ρ)_t s(X^(t)) with ρ_t the Spearman correlation of activation and
+            weight salience at calibration timestep t (PTQ4DiT); ``mid``: s(X) of the middle calibration timestep
+            (the paper's "CSB only" ablation).
+        batch_size: calibration rows per statistics forward.
+    """
+
+    name: ClassVar[str] = "salience_balancing"
+    changes: ClassVar[frozenset] = frozenset({"fp_weights"})
+    fp_statistics: ClassVar[bool] = True
+    salience: Literal["ssc", "mid"] = "ssc"
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if self.salience not in ("ssc", "mid"):
+            raise UserError(f"SalienceBalancing.salience must be 'ssc' or 'mid', got {self.salience!r}")
+        if self.batch_size < 1:
+            raise UserError(f"SalienceBalancing.batch_size must be >= 1, got {self.batch_size}")
+
+    def apply(self, model: nn.Module, calibration: Dataset, ctx=None) -> dict:
+        report = balance_model(model, calibration, salience=self.salience, batch_size=self.batch_size)
+        return {"salience": self.salience, **report}

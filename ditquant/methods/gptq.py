@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from ditquant import interrupt
 from ditquant.errors import UserError
-from ditquant.models.layout import reconstruction_units
+from ditquant.methods.base import Method, MethodContext, register
+from ditquant.models.adapters import adapter_for
 from ditquant.quant.affine import integer_codes, qparams_from_range
 from ditquant.quant.modules import QuantLayer, activation_quantizers, bypassing, quant_layers
 from ditquant.quant.observers import search_range
@@ -143,9 +144,9 @@ def quantize_model_gptq(model: nn.Module, loader: Iterable[dict], blocksize: int
     """GPTQ every quantized Linear of ``model`` unit by unit (see the module doc) from the calibration batches of
     ``loader`` (dicts with x, t, y; iterated once per unit); returns a report."""
     check_options(blocksize, damping)
-    device = next(model.parameters()).device
+    adapter = adapter_for(model)
     report = {"layers": 0, "skipped": [], "hessian_rows": {}}
-    for _, unit in reconstruction_units(model):
+    for _, unit in adapter.units(model):
         layers = [q for q in quant_layers(unit) if isinstance(q.layer, nn.Linear) and q.learns_rounding]
         report["skipped"] += [q.name for q in quant_layers(unit) if q not in layers and q.weight_quantizer.enabled]
         if not layers:
@@ -160,7 +161,7 @@ def quantize_model_gptq(model: nn.Module, loader: Iterable[dict], blocksize: int
             for batch in loader:
                 interrupt.check()
                 try:
-                    model(*(batch[k].to(device) for k in ("x", "t", "y")))
+                    adapter.forward_batch(model, batch)
                 except _StopForward:
                     pass
         for q in layers:
@@ -172,3 +173,33 @@ def quantize_model_gptq(model: nn.Module, loader: Iterable[dict], blocksize: int
             report["hessian_rows"][q.name] = stats[q.name].rows
             report["layers"] += 1
     return report
+
+
+@register
+@dataclass
+class GPTQ(Method):
+    """GPTQ weights (Q-DiT): per Linear, column-by-column quantization with Hessian-weighted error feedback, each
+    layer with its own group size. List it after a granularity search; it fixes the weights, so it replaces
+    round-to-nearest and excludes block reconstruction (AdaRound), the alternative weight method. The Hessians are
+    accumulated over the calibration set in batches of ``data.batch_size``.
+
+    Args:
+        blocksize: columns per lazy update (128).
+        damping: added to H's diagonal, as a fraction of its mean (0.01).
+    """
+
+    name: ClassVar[str] = "gptq"
+    changes: ClassVar[frozenset] = frozenset({"quantized_weights"})
+    blocksize: int = 128
+    damping: float = 0.01
+
+    def __post_init__(self):
+        check_options(self.blocksize, self.damping)
+
+    def check(self, model: nn.Module, ctx: MethodContext) -> None:
+        if ctx.reconstruction is not None:
+            raise UserError("GPTQ and model.reconstruction (AdaRound) both set the weights: use one (set "
+                            "model.reconstruction: null, or drop the GPTQ method)")
+
+    def apply(self, model: nn.Module, calibration, ctx: MethodContext) -> dict:
+        return quantize_model_gptq(model, ctx.calibration_batches(calibration), self.blocksize, self.damping)

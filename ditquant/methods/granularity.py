@@ -23,14 +23,25 @@ state (population, scores, top-k) is plain data, so a search resumes where it st
 
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
-from typing import Callable, Literal
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, ClassVar, Literal, Optional
+
+import yaml
 
 from torch import nn
 
+from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
+from ditquant.io import atomic_write
+from ditquant.methods.base import Method, MethodContext, register
+from ditquant.quant.apply import apply_group_sizes
 from ditquant.quant.modules import quant_layers
+
+log = logging.getLogger(__name__)
 
 SEARCH_SPACE = (32, 64, 128, 192, 288)
 CONSTRAINTS = ("scales", "mean_group_size")
@@ -224,3 +235,151 @@ class EvolutionarySearch:
         self.scores = {tuple(g): v for g, v in state["scores"]}
         self.top = [tuple(g) for g in state["top"]]
         self.history = list(state["history"])
+
+
+def search_group_sizes(model: nn.Module, quant, search: EvolutionarySearch, fitness: Callable[[nn.Module], float],
+                       on_generation: Callable[[EvolutionarySearch], None] = lambda search: None) -> dict[str, int]:
+    """Run ``search`` to the end, scoring each candidate layout by ``fitness(model)`` (lower is better) with the
+    candidate's group sizes applied; ``on_generation`` sees the search after every generation but the last (to save
+    it). Leaves the model with ``quant``'s own sizes and returns the best layer -> group size."""
+    def score(genome: Genome) -> float:
+        apply_group_sizes(model, replace(quant, layer_group_sizes=layer_group_sizes(genome, search.genes)))
+        return fitness(model)
+
+    while not search.finished:
+        search.step(score)
+        apply_group_sizes(model, quant)  # the configured sizes again: a saved model matches the config
+        log.info("granularity search: generation %d, best FID %.3f", search.generation - 1, search.scores[search.best])
+        if not search.finished:
+            on_generation(search)
+    return layer_group_sizes(search.best, search.genes)
+
+
+@register
+@dataclass
+class GranularitySearch(Method):
+    """Q-DiT's evolutionary search of per-layer group sizes.
+
+    Candidates are scored with round-to-nearest weights and the configured (dynamic) activation quantizers, by the
+    FID of a fixed seeded sample set (``MethodContext.scorer``). The best group sizes are applied to the model (and
+    its QuantConfig, through ``MethodContext.set_quant``, so checkpoints and ``quantized/`` record them) and
+    written to ``output``, a config overlay a later fit loads with ``--config`` (the search is then skipped). The
+    search state is saved after every generation (``MethodContext.save_progress``), so an interrupted fit resumes
+    at the generation it stopped in.
+
+    Args:
+        space: the group sizes searched (Q-DiT: 32, 64, 128, 192, 288), per layer those dividing its input width.
+        budget_group_size: the constraint's budget is the cost of this size everywhere (Q-DiT: 128).
+        constraint: ``scales`` (Σ out·in/g: each layer weighed by its size) or ``mean_group_size`` (Q-DiT's code).
+        population, top_k, mutations, crossovers, mutation_prob, generations: the evolution (Q-DiT: 50, 10, 25,
+            25, 0.1, 20); generation 0 is the initial population.
+        num_samples, batch_size: the fitness sample set (Q-DiT: 800 images) and its sampling batch.
+        sampler: the fitness sampler; null = the model's (Q-DiT searches with DDIM 50 without guidance:
+            ``{kind: ddim, num_steps: 50, cfg_scale: 1.0}``).
+        reference: FID against the FP model's samples of the same seeds (``fp``) or the real data (``data``, the
+            paper's choice; shipped statistics exist for the bundled domain only).
+        features: the FID feature extractor (``auto``: the model's domain).
+        seed: seeds the sample set and the evolution.
+        output: the result YAML (default ``<run folder>/group_sizes.yaml``).
+    """
+
+    name: ClassVar[str] = "granularity_search"
+    changes: ClassVar[frozenset] = frozenset({"group_sizes"})
+    space: list[int] = field(default_factory=lambda: list(SEARCH_SPACE))
+    budget_group_size: int = 128
+    constraint: Literal["scales", "mean_group_size"] = "scales"
+    population: int = 50
+    top_k: int = 10
+    mutations: int = 25
+    crossovers: int = 25
+    mutation_prob: float = 0.1
+    generations: int = 20
+    num_samples: int = 800
+    batch_size: int = 64
+    sampler: Optional[SamplerConfig] = None
+    reference: Literal["fp", "data"] = "fp"
+    features: str = "auto"
+    seed: int = 0
+    output: Optional[str] = None
+
+    def __post_init__(self):
+        if not self.space or any(not isinstance(g, int) or g < 1 for g in self.space):
+            raise UserError(f"GranularitySearch.space must be a non-empty list of positive sizes, got {self.space}")
+        if self.budget_group_size < 1 or self.num_samples < 2 or self.batch_size < 1:
+            raise UserError("GranularitySearch: budget_group_size and batch_size must be >= 1 and num_samples >= 2")
+        if self.reference not in ("fp", "data"):
+            raise UserError(f"GranularitySearch.reference must be 'fp' or 'data', got {self.reference!r}")
+        if self.constraint not in CONSTRAINTS:
+            raise UserError(f"GranularitySearch.constraint must be one of {CONSTRAINTS}, got {self.constraint!r}")
+        self.settings  # validates the evolution's options
+
+    @property
+    def settings(self) -> EvolutionSettings:
+        return EvolutionSettings(self.population, self.top_k, self.mutations, self.crossovers, self.mutation_prob,
+                                 self.generations, self.seed)
+
+    def _new_search(self, model: nn.Module, quant) -> Optional[EvolutionarySearch]:
+        """The search over the model's group-wise layers (None: group sizes given); raises on bad input."""
+        if quant is None or quant.layer_group_sizes:
+            return None
+        genes = search_genes(model, tuple(self.space))
+        layers = {name for gene in genes for name in gene.layers}
+        if any(q.input_quantizer.enabled and not q.input_quantizer.spec.dynamic
+               for q in quant_layers(model) if q.name in layers):
+            raise UserError("GranularitySearch scores candidates without calibration: the group-wise layers need "
+                            "dynamic activation quantization (model.quant.activation.dynamic: true)")
+        return EvolutionarySearch(genes, self.settings, self.budget_group_size, self.constraint)
+
+    def _fitness(self, ctx: MethodContext) -> Callable[[nn.Module], float]:
+        if ctx.scorer is None:
+            raise UserError("GranularitySearch needs a fitness: MethodContext.scorer (ditquant fit provides the "
+                            "sample-set FID; from Python pass ditquant.sample_set_fid(loaded))")
+        try:
+            return ctx.scorer(sampler=self.sampler, num_samples=self.num_samples, batch_size=self.batch_size,
+                              seed=self.seed, reference=self.reference, features=self.features)
+        except UserError as e:
+            raise UserError(f"GranularitySearch.{e}") from None
+
+    def check(self, model: nn.Module, ctx: MethodContext) -> None:
+        if self._new_search(model, ctx.quant) is not None:  # the fitness must be computable before any recording
+            self._fitness(ctx)
+
+    def apply(self, model: nn.Module, calibration, ctx: MethodContext) -> dict:
+        quant = ctx.quant
+        search = self._new_search(model, quant)
+        if search is None:
+            log.info("granularity search skipped: model.quant.layer_group_sizes is given")
+            return {"skipped": "model.quant.layer_group_sizes is given"}
+        previous_seconds = 0.0
+        if ctx.resume is not None:
+            search.load_state_dict(ctx.resume["search"])
+            previous_seconds = ctx.resume["seconds"]
+        started = time.perf_counter()
+
+        def save(search: EvolutionarySearch) -> None:
+            ctx.save_progress({"search": search.state_dict(),
+                               "seconds": previous_seconds + time.perf_counter() - started})
+
+        sizes = search_group_sizes(model, quant, search, self._fitness(ctx), save)
+        best = replace(quant, layer_group_sizes=sizes)
+        apply_group_sizes(model, best)
+        if ctx.set_quant is not None:
+            ctx.set_quant(best)
+        out = Path(self.output or Path(ctx.output_dir) / "group_sizes.yaml")
+        report = {"best_fid": search.scores[search.best], "evaluated": len(search.scores),
+                  "generations": search.generation, "constraint": self.constraint,
+                  "cost": cost(search.best, search.genes, self.constraint), "budget": search.budget,
+                  "gene_sizes": {gene.key: g for gene, g in zip(search.genes, search.best)},
+                  "history": search.history, "output": str(out), "seconds": previous_seconds}
+        self._write_result(out, sizes, report)
+        return report
+
+    def _write_result(self, path: Path, sizes: dict[str, int], report: dict) -> None:
+        header = (f"# Q-DiT granularity search result (ditquant GranularitySearch): best fitness FID "
+                  f"{report['best_fid']:.4f} over {report['evaluated']} candidates in {report['generations']} "
+                  f"generations;\n# constraint {report['constraint']}: cost {report['cost']:.6g} <= budget "
+                  f"{report['budget']:.6g} (group size {self.budget_group_size} everywhere). Load it with\n"
+                  "#   ditquant fit --config <method config> --config <this file>\n")
+        with atomic_write(path) as tmp:
+            tmp.write_text(header + yaml.safe_dump({"model": {"quant": {"layer_group_sizes": sizes}}},
+                                                   sort_keys=False))

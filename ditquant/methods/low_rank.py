@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
 
 from torch import nn
 
 from ditquant.errors import UserError
-from ditquant.models.layout import role_of
+from ditquant.methods.base import Method, register
+from ditquant.models.layout import BLOCK_LINEAR_ROLES, ROLES
 from ditquant.quant.lora import check_rank
 from ditquant.quant.modules import quant_layers
 from ditquant.quant.quantizer import quantize_tensor
@@ -18,7 +20,7 @@ def compensate_low_rank(model: nn.Module, rank: int, iterations: int, roles: Seq
     """Per quantized layer of ``roles``: W_q = Q(W − L·R) with L·R the rank-``rank`` SVD of W − W_q, alternated
     ``iterations`` times (best iterate kept). Every rank is checked before any work. Returns the per-layer weight
     error of round-to-nearest and after compensation."""
-    wrapped = {m.name: m for m in quant_layers(model) if role_of(m.name) in roles}
+    wrapped = {m.name: m for m in quant_layers(model) if m.role in roles}
     if not wrapped:
         raise UserError(f"LowRankCompensation: no quantized layer has a role in {list(roles)}")
     for name, layer in wrapped.items():
@@ -29,3 +31,34 @@ def compensate_low_rank(model: nn.Module, rank: int, iterations: int, roles: Seq
         report["rtn_error"][name] = (w - quantize_tensor(w, layer.weight_quantizer.spec, True)).norm().item()
         report["error"][name] = min(layer.compensate_low_rank(rank, iterations))
     return report
+
+
+@register
+@dataclass
+class LowRankCompensation(Method):
+    """DiTAS's training-free LoRA for weights: per layer, W_q = Q(W − L·R) and L·R the rank-r SVD of W − W_q,
+    alternated ``iterations`` times (best iterate kept); the FP branch L·R reads the quantized activation. It fixes
+    the quantized weights, so folds (smoothing) must come before it.
+
+    Args:
+        rank: r (DiTAS: 32).
+        iterations: alternations (DiTAS: 10).
+        roles: layer roles to compensate (DiTAS: the four block linears).
+    """
+
+    name: ClassVar[str] = "low_rank_compensation"
+    changes: ClassVar[frozenset] = frozenset({"quantized_weights"})
+    fp_statistics: ClassVar[bool] = True  # the weights are what it reads; quantizers stay off for any forward
+    rank: int = 32
+    iterations: int = 10
+    roles: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_ROLES))
+
+    def __post_init__(self):
+        if self.iterations < 1:
+            raise UserError(f"LowRankCompensation.iterations must be >= 1, got {self.iterations}")
+        self.roles = list(self.roles)
+        if unknown := sorted(set(self.roles) - set(ROLES)):
+            raise UserError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
+
+    def apply(self, model: nn.Module, calibration=None, ctx=None) -> dict:
+        return compensate_low_rank(model, self.rank, self.iterations, self.roles)

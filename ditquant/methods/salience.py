@@ -4,7 +4,7 @@ For a linear with weight W (out, in) reading X: s(W_j) = max over outputs |W_{:,
 CSB balances both to their geometric mean: X is divided by f_j = √(s(X_j) / s(W_j)) and W's column j multiplied by it
 (SmoothQuant with α = ½). SSC replaces s(X) by Σ_t η_t s(X^(t)) with η = softmax(−ρ) over the calibration timesteps,
 ρ_t = Spearman(s(X^(t)), s(W)): timesteps whose activation salience lines up less with the weights' count more.
-The factor f is what ``ditquant.methods.folding`` folds into the model.
+The factor f is what ``ditquant.models.folding`` folds into the model.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ All inputs are FP activations (the FP function does not change under folding), s
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,11 +25,11 @@ from torch.utils.data import Dataset
 
 from ditquant.calibration.dataset import CalibrationSet
 from ditquant.errors import UserError
-from ditquant.methods.folding import (divide_online, fold_into_modulation, fold_into_value, input_weights,
-                                     require_modulation)
+from ditquant.methods.base import Method, register
+from ditquant.models.folding import input_weights, require_modulation
 from ditquant.methods.salience import activation_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
-from ditquant.models.layout import SMOOTHED_INPUTS, transformer_blocks
+from ditquant.models.adapters import adapter_for
 from ditquant.quant.modules import QuantLayer
 from ditquant.quant.quantizer import quantize_tensor
 from ditquant.quant.spec import QuantSpec
@@ -57,7 +58,7 @@ def temporal_max(model: nn.Module, calibration: Dataset, batch_size: int = 32) -
         s = activation_salience(x)
         stats[key] = torch.maximum(stats[key], s) if key in stats else s
 
-    visit_block_inputs(model, calibration, SMOOTHED_INPUTS, visit, batch_size)
+    visit_block_inputs(model, calibration, adapter_for(model).input_groups(model), visit, batch_size)
     return stats
 
 
@@ -67,9 +68,10 @@ def alpha_losses(model: nn.Module, calibration: Dataset, act_max: dict[tuple[int
                  batch_size: int = 32) -> dict[tuple[int, str], torch.Tensor]:
     """{(block, input): output MSE per α} over one calibration pass (weights re-quantized per candidate)."""
     alphas = check_alphas(alphas)
-    blocks = transformer_blocks(model)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
     weights = {(b, name): input_weights(blocks[b], consumers)
-               for b in range(len(blocks)) for name, consumers in SMOOTHED_INPUTS.items()}
+               for b in range(len(blocks)) for name, consumers in adapter.input_groups(model).items()}
     # s per candidate, once; the weights are re-quantized per batch instead of cached: 21 copies of every weight
     # would not fit for DiT-XL/2, and the matmuls cost far more than quantizing the weight
     factors = {key: [smoothing_factor(act_max[key], weight_salience([w]), a) for a in alphas]
@@ -86,29 +88,22 @@ def alpha_losses(model: nn.Module, calibration: Dataset, act_max: dict[tuple[int
             sums[key][i] += (xq @ wq.T - reference).double().pow(2).sum()
         counts[key] += reference.numel()
 
-    visit_block_inputs(model, calibration, SMOOTHED_INPUTS, visit, batch_size)
+    visit_block_inputs(model, calibration, adapter_for(model).input_groups(model), visit, batch_size)
     return {key: sums[key] / max(counts[key], 1) for key in sums}
 
 
 @torch.no_grad()
 def fold_smoothing(model: nn.Module, factors: dict[tuple[int, str], torch.Tensor]) -> None:
     """q/k/v's and fc1's factors into the adaLN modulation, the attention output's into V's rows, fc2's on the fly."""
-    for b, block in enumerate(transformer_blocks(model)):
-        for name in SMOOTHED_INPUTS:
-            s = factors[(b, name)]
-            if name == "attn_out":
-                fold_into_value(block, s)
-            elif name == "fc2":
-                divide_online(block.get_submodule(SMOOTHED_INPUTS["fc2"][0]), s)
-            else:
-                fold_into_modulation(block, name, s)
+    adapter_for(model).rescale_inputs(model, factors)
 
 
 def _layer_specs(model: nn.Module) -> tuple[QuantSpec, QuantSpec]:
     """The weight and activation specs of the smoothed linears (all four roles must be quantized, alike)."""
     specs = set()
-    for block in transformer_blocks(model):
-        for consumers in SMOOTHED_INPUTS.values():
+    adapter = adapter_for(model)
+    for block in adapter.blocks(model):
+        for consumers in adapter.input_groups(model).values():
             for name in consumers:
                 m = block.get_submodule(name)
                 if not isinstance(m, QuantLayer):
@@ -131,14 +126,51 @@ def smooth_model(model: nn.Module, calibration: CalibrationSet, alphas: Sequence
     weight_spec, act_spec = _layer_specs(model)
     act_max = temporal_max(model, calibration, batch_size)
     losses = alpha_losses(model, calibration, act_max, weight_spec, act_spec, alphas, batch_size)
-    blocks = transformer_blocks(model)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    groups = adapter.input_groups(model)
     factors, report = {}, {"calibration_rows": len(calibration), "timesteps": calibration.num_timesteps,
                            "alpha": {}, "mse": {}}
     for (b, name), scores in losses.items():
         best = int(scores.argmin())
-        w_max = weight_salience([input_weights(blocks[b], SMOOTHED_INPUTS[name])])
+        w_max = weight_salience([input_weights(blocks[b], groups[name])])
         factors[(b, name)] = smoothing_factor(act_max[(b, name)], w_max, alphas[best])
         report["alpha"][f"{b}.{name}"] = alphas[best]
         report["mse"][f"{b}.{name}"] = scores[best].item()
     fold_smoothing(model, factors)
     return report
+
+
+@register
+@dataclass
+class TemporalSmoothing(Method):
+    """DiTAS's temporal-aggregated smoothing with a per-input α grid search, folded into the weights.
+
+    For q/k/v (shared input), the attention output projection, fc1 and fc2 of every block: a_j = max |X_j| over
+    the whole calibration trajectory, s_j = a_j^α / w_j^(1−α); α per input minimises the layer's quantized output
+    MSE over the calibration set. q/k/v's and fc1's s fold into the adaLN modulation, the attention output's into
+    V's rows, fc2's is divided on the fly (GELU sits in front of it).
+
+    Args:
+        alphas: the α grid searched per input (default 0, 0.05, …, 1).
+        alpha: a fixed α for every input instead of the search (the "smoothing only" ablation).
+        batch_size: calibration rows per statistics forward.
+    """
+
+    name: ClassVar[str] = "temporal_smoothing"
+    changes: ClassVar[frozenset] = frozenset({"fp_weights"})
+    fp_statistics: ClassVar[bool] = True
+    alphas: Optional[list[float]] = None
+    alpha: Optional[float] = None
+    batch_size: int = 32
+
+    def __post_init__(self):
+        check_alphas(list(ALPHA_GRID) if self.alphas is None else self.alphas)
+        if self.alpha is not None:
+            check_alphas([self.alpha])
+        if self.batch_size < 1:
+            raise UserError(f"TemporalSmoothing.batch_size must be >= 1, got {self.batch_size}")
+
+    def apply(self, model: nn.Module, calibration: CalibrationSet, ctx=None) -> dict:
+        grid = check_alphas(list(ALPHA_GRID) if self.alphas is None else self.alphas)
+        return smooth_model(model, calibration, grid, self.alpha, self.batch_size)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ditquant import interrupt
 from ditquant.calibration.dataset import collate_pairs
-from ditquant.models.layout import transformer_blocks
+from ditquant.models.adapters import adapter_for
 
 # visit((block index, input name), input activation (rows, tokens, channels), timestep of every row)
 Visitor = Callable[[tuple[int, str], torch.Tensor, torch.Tensor], None]
@@ -26,7 +26,8 @@ def visit_block_inputs(model: nn.Module, calibration: Dataset, inputs: dict[str,
     """Run ``model`` over ``calibration`` and call ``visit`` on the input of ``inputs[name][0]`` in every block."""
     current_t: list[torch.Tensor] = []
     handles = []
-    for b, block in enumerate(transformer_blocks(model)):
+    adapter = adapter_for(model)
+    for b, block in enumerate(adapter.blocks(model)):
         for name, consumers in inputs.items():
             def hook(module, args, key=(b, name)):
                 visit(key, args[0], current_t[0])
@@ -35,9 +36,8 @@ def visit_block_inputs(model: nn.Module, calibration: Dataset, inputs: dict[str,
     try:
         for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
             interrupt.check()
-            x, t, y = (batch[k].to(device) for k in ("x", "t", "y"))
-            current_t[:] = [t]
-            model(x, t, y)
+            current_t[:] = [batch["t"].to(device)]
+            adapter.forward_batch(model, batch)
     finally:
         for h in handles:
             h.remove()

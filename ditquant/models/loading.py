@@ -107,6 +107,7 @@ class LoadedDiT:
     config: DiTConfig
     latent_scale: float  # multiply VAE latents by this before the DiT (0.18215 for SD-VAE); 1.0 in pixel space
     description: str
+    source: Optional["DiTSource"] = None  # what it was loaded from
 
 
 def check_finite_weights(model: torch.nn.Module, where: str) -> None:
@@ -190,7 +191,7 @@ def load_dit(source: DiTSource) -> LoadedDiT:
     if vae is not None:
         check_finite_weights(vae, f"model.dit.vae {source.vae or source.source}")
     return LoadedDiT(transformer=transformer, vae=vae, config=config, latent_scale=latent_scale,
-                     description=description)
+                     description=description, source=source)
 
 
 # --------------------------------------------------------------------------------------------------------------

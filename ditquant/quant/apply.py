@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from rich.table import Table
 from torch import nn
 
 from ditquant.errors import UserError
-from ditquant.models.layout import layers_by_role, role_of
 from ditquant.quant.attention import QuantAttnProcessor, quantize_attention
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import QuantLayer, activation_quantizers, quant_layers
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = True) -> nn.Module:
+@dataclass(frozen=True)
+class RoleMap:
+    """What the caller (a model-family adapter) says about a model's layers, like torchao's ``filter_fn``: the roles
+    its family defines and the role of every quantizable Linear/Conv2d, by module name in forward order."""
+
+    roles: tuple[str, ...]
+    layers: dict[str, str]
+
+    def check(self, config: QuantConfig) -> None:
+        for where, roles in [("quant.roles", config.roles or [])] + [("quant.overrides.roles", o.roles)
+                                                                     for o in config.overrides]:
+            if unknown := sorted(set(roles) - set(self.roles)):
+                raise UserError(f"{where}: unknown layer role(s) {unknown}; this model's roles: "
+                                f"{', '.join(self.roles)}")
+
+    def selected(self, config: QuantConfig) -> dict[str, str]:
+        """Name -> role of the layers ``config`` quantizes (every role when ``config.roles`` is null)."""
+        self.check(config)
+        return {name: role for name, role in self.layers.items() if config.roles is None or role in config.roles}
+
+
+def wrap_layers(model: nn.Module, config: QuantConfig, role_map: RoleMap, init_weights: bool = True) -> nn.Module:
     """Replace every Linear/Conv2d of the configured roles by a QuantLayer (in place; weights initialised RTN unless
-    ``init_weights`` is false: a skeleton whose state is loaded afterwards)."""
+    ``init_weights`` is false: a skeleton whose state is loaded afterwards). Use
+    ``ditquant.quantize_model``, which takes the role map from the model's family adapter."""
     if any(True for _ in quant_layers(model)):
         raise UserError("model is already quantized")
-    layers = layers_by_role(model, config.roles)
-    check_layer_group_sizes(config, layers)
+    roles = role_map.selected(config)
+    layers = {name: model.get_submodule(name) for name in roles}
+    check_layer_group_sizes(config, layers, roles)
     for name, layer in layers.items():
-        weight_spec, input_spec = config.specs_for(role_of(name), name)
+        weight_spec, input_spec = config.specs_for(roles[name], name)
         try:
-            wrapped = QuantLayer(layer, weight_spec, input_spec, name=name)
+            wrapped = QuantLayer(layer, weight_spec, input_spec, name=name, role=roles[name])
         except ValueError as e:
             raise UserError(f"{name}: {e}") from None
         if init_weights:
@@ -35,14 +59,14 @@ def quantize_model(model: nn.Module, config: QuantConfig, init_weights: bool = T
     return model
 
 
-def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module]) -> None:
+def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module], roles: dict[str, str]) -> None:
     """Every per-layer group size names a quantized layer with a group-wise spec."""
     unknown = sorted(set(config.layer_group_sizes) - set(layers))
     if unknown:
         raise UserError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
-                        f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {config.roles})")
+                        f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {sorted(set(roles.values()))})")
     for name in config.layer_group_sizes:
-        if all(s.granularity != "group" for s in config.specs_for(role_of(name))):
+        if all(s.granularity != "group" for s in config.specs_for(roles[name])):
             raise UserError(f"quant.layer_group_sizes: {name} has neither a group-wise weight nor a group-wise "
                             "input spec (granularity 'group'), so a group size means nothing for it")
 
@@ -53,7 +77,7 @@ def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
     specs change get fresh quantizers, weights round-to-nearest. Returns the names of the changed layers."""
     changed = []
     for q in quant_layers(model):
-        weight_spec, input_spec = config.specs_for(role_of(q.name), q.name)
+        weight_spec, input_spec = config.specs_for(q.role, q.name)
         if (weight_spec, input_spec) == (q.weight_quantizer.spec, q.input_quantizer.spec):
             continue
         if q.frozen_weight:
@@ -68,7 +92,7 @@ def quantization_table(model: nn.Module) -> Table:
     """A rich table: per role, how many layers, and their weight / activation specs."""
     rows: dict[tuple[str, str, str], int] = {}
     for m in quant_layers(model):
-        key = (role_of(m.name) or "?", m.weight_quantizer.spec.label("w"), m.input_quantizer.spec.label("a"))
+        key = (m.role or "?", m.weight_quantizer.spec.label("w"), m.input_quantizer.spec.label("a"))
         rows[key] = rows.get(key, 0) + 1
     attention = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
     if attention:

@@ -1,4 +1,5 @@
-"""QuantConfig: which DiT layers are quantized, and how (data, YAML-friendly)."""
+"""QuantConfig: which layers of a model are quantized, and how (data, YAML-friendly). Layers are named by role;
+which roles a model has is its family adapter's business (``ditquant.models.adapters``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from ditquant.errors import UserError
-from ditquant.models.layout import ROLES
 from ditquant.quant.spec import QuantSpec
-
-ALL_ROLES = list(ROLES)
 
 
 @dataclass(frozen=True)
@@ -34,28 +32,28 @@ class QuantConfig:
     Args:
         weight: spec of every quantized layer's weight (the papers: per-channel).
         activation: spec of every quantized layer's input (the papers: per-tensor, static, asymmetric).
-        roles: layer roles to quantize (see ditquant.models.layout). PTQ4DiT quantizes all of them,
-            Q-DiT and DiTAS only the four block linears (qkv, attn_out, fc1, fc2).
+        roles: layer roles to quantize; null = every role of the model's family (for DiT, see
+            ``ditquant.models.layout``). PTQ4DiT quantizes all of them, Q-DiT and DiTAS only the four block linears
+            (qkv, attn_out, fc1, fc2).
         overrides: per-role exceptions, applied in order.
         attention: spec of the attention matmul operands (Q, K, softmax probabilities, V), per tensor; null keeps
             the matmuls in floating point (Q-DiT, DiTAS). PTQ4DiT quantizes them at the activation bit width.
         layer_group_sizes: per-layer group size (layer name -> g) replacing ``group_size`` in that layer's weight
             and input specs where they are group-wise (Q-DiT: a layer and its input share g). Written by the
-            granularity search (``ditquant.methods.callbacks.GranularitySearch``) as a config a later fit loads.
+            granularity search (method ``granularity_search``) as a config a later fit loads.
     """
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="channel"))
     activation: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="tensor"))
-    roles: list[str] = field(default_factory=lambda: list(ALL_ROLES))
+    roles: Optional[list[str]] = None
     overrides: list[LayerOverride] = field(default_factory=list)
     attention: Optional[QuantSpec] = None
     layer_group_sizes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         for where, roles in [("quant.roles", self.roles)] + [("quant.overrides.roles", o.roles) for o in self.overrides]:
-            unknown = sorted(set(roles) - set(ROLES))
-            if unknown:
-                raise UserError(f"{where}: unknown layer role(s) {unknown}; known roles: {', '.join(ROLES)}")
+            if roles is not None and not all(isinstance(r, str) for r in roles):
+                raise UserError(f"{where}: a list of role names, got {roles!r}")  # known names: at quantize time
         if self.weight.granularity in ("token", "sample"):
             raise UserError(f"quant.weight.granularity {self.weight.granularity!r} is for activations; use "
                             "'channel', 'group' or 'column_group'")
@@ -87,7 +85,7 @@ class QuantConfig:
 def quant_config_from_dict(d: dict) -> QuantConfig:
     """The QuantConfig ``dataclasses.asdict`` wrote (as stored in quantized.yaml / integer.yaml)."""
     spec = lambda s: None if s is None else QuantSpec(**s)  # noqa: E731
-    return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=list(d["roles"]),
+    return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=None if d.get("roles") is None else list(d["roles"]),
                        overrides=[LayerOverride(roles=list(o["roles"]), weight=spec(o.get("weight")),
                                                 activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
                        attention=spec(d.get("attention")),

@@ -41,11 +41,12 @@ class QuantLayer(nn.Module):
     the same quantized input: y = Q_w(W − L·R)·Q_a(x) + L·(R·Q_a(x)) + b.
     """
 
-    def __init__(self, layer: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec, name: str = ""):
+    def __init__(self, layer: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec, name: str = "",
+                 role: Optional[str] = None):
         super().__init__()
         if isinstance(layer, nn.Conv2d) and input_spec.enabled and input_spec.granularity not in ("tensor",):
             raise UserError(f"{name}: convolution inputs support only per-tensor activation quantization")
-        self.name = name
+        self.name, self.role = name, role  # role: what the family adapter calls this layer (qkv, fc1, ...)
         self.layer = layer
         self._make_quantizers(weight_spec, input_spec)
         self.adaround: Optional[AdaRoundWeight] = None

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from ditquant import interrupt
 from ditquant.calibration.dataset import collate_pairs
 from ditquant.errors import UserError
-from ditquant.models.layout import reconstruction_units
+from ditquant.models.adapters import adapter_for
 from ditquant.quant.adaround import RoundingSchedule
 from ditquant.quant.modules import activation_quantizers, activations_unquantized, quant_disabled, quant_layers
 from ditquant.reconstruction.cache import UnitCache
@@ -49,7 +49,7 @@ class Stage:
 
 def plan_stages(model: nn.Module, config: ReconstructionConfig) -> list[Stage]:
     """The stages of a reconstruction, in order; units with nothing to learn are left out."""
-    units = reconstruction_units(model)
+    units = adapter_for(model).units(model)
 
     def learnable(unit: nn.Module, weights: bool, activations: bool) -> tuple[bool, bool]:
         w = weights and any(m.learns_rounding for m in quant_layers(unit))
@@ -102,7 +102,8 @@ class BlockReconstructor:
     def __init__(self, model: nn.Module, config: ReconstructionConfig, calibration: Dataset,
                  spill_dir: Optional[Path] = None):
         self.model, self.config, self.calibration, self.spill_dir = model, config, calibration, spill_dir
-        self.units = dict(reconstruction_units(model))
+        self.adapter = adapter_for(model)
+        self.units = dict(self.adapter.units(model))
         self.stages = plan_stages(model, config)
         self.starts = [0]
         for s in self.stages:
@@ -229,7 +230,7 @@ class BlockReconstructor:
             x, t, y = (batch[k].to(self._device) for k in ("x", "t", "y"))
 
             def forward():
-                return self.model(x, t, y)
+                return self.adapter.forward(self.model, x, t, y)
             with quant_disabled(self.model):
                 target = capture_output(forward, active.unit)
             with self._activation_mode(active.stage):

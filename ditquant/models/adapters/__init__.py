@@ -1,0 +1,38 @@
+"""Model-family adapters: the one place that knows how a family's denoiser is called and where things live in it.
+
+An adapter owns, for its family: loading (every checkpoint layout ditquant reads), the denoiser call on a batch
+``{x, t, y}`` (``y``: the condition, class labels for DiT), the null condition for classifier-free guidance, the
+layer -> role map that quantization configs refer to, the reconstruction units, and every input a method may rescale
+per channel, with where its exact fold lives (or that it is divided online). Everything above this layer (samplers,
+calibration recording, observation, methods, reconstruction) calls the model only through its adapter, so a new
+family is a new adapter plus configs.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ditquant.errors import UserError
+from ditquant.models.adapters.base import Adapter, RescalableInput
+from ditquant.models.adapters.dit import DiTAdapter
+from ditquant.quant.apply import wrap_layers
+
+ADAPTERS: list[Adapter] = [DiTAdapter()]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of ``model``'s family (a clear error for a model no adapter knows)."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise UserError(f"{type(model).__name__}: no model-family adapter knows this model (known families: "
+                    f"{', '.join(a.family for a in ADAPTERS)})")
+
+
+def quantize_model(model: nn.Module, config, init_weights: bool = True) -> nn.Module:
+    """Wrap ``model``'s layers per ``config`` (the roles its family's adapter defines), in place; weights
+    round-to-nearest unless ``init_weights`` is false (a skeleton whose state is loaded afterwards)."""
+    return wrap_layers(model, config, adapter_for(model).role_map(model), init_weights)
+
+
+__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "RescalableInput", "adapter_for", "quantize_model"]

@@ -1,0 +1,85 @@
+"""The adapter interface every model family implements (see ``ditquant.models.adapters``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from ditquant.quant.apply import RoleMap
+
+
+@dataclass(frozen=True)
+class RescalableInput:
+    """A linear input a method may divide per channel by s (its readers' weight columns multiplied by s).
+
+    ``fold`` says where the division goes: ``modulation`` (the adaLN shift/scale rows in front of it), ``value``
+    (V's rows, in front of the attention output projection) — both exact and free at run time — or ``online`` (a
+    per-channel division in the layer's forward: nothing linear precedes the input)."""
+
+    block: int
+    name: str                           # the input's name within the block (attention, attn_out, mlp, fc2)
+    role: str                           # the role of the layers reading it
+    consumers: tuple[nn.Module, ...]    # the layers reading it (q, k, v share one input)
+    consumer_names: tuple[str, ...]     # their names within the block
+    fold: Literal["modulation", "value", "online"]
+    rescale: Callable[[torch.Tensor], None]  # divide the input by s and compensate, in place
+
+    @property
+    def exact(self) -> bool:
+        return self.fold != "online"
+
+
+class Adapter:
+    """What ditquant needs of a model family (the DiT adapter is the reference implementation)."""
+
+    family: str = ""
+
+    def matches(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def load(self, source):
+        """A loaded model (transformer, VAE, config) from any source this family supports."""
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output for inputs x at timesteps t under condition y."""
+        raise NotImplementedError
+
+    def forward_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``forward`` on a calibration batch ({x, t, y}), moved to the model's device."""
+        device = next(model.parameters()).device
+        return self.forward(model, *(batch[k].to(device) for k in ("x", "t", "y")))
+
+    def null_condition(self, model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """The unconditional counterpart of condition ``y`` (classifier-free guidance)."""
+        raise NotImplementedError
+
+    def role_map(self, model: nn.Module) -> RoleMap:
+        raise NotImplementedError
+
+    def units(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the reconstruction units, in forward order."""
+        raise NotImplementedError
+
+    def rescalable_inputs(self, model: nn.Module) -> list[RescalableInput]:
+        """Every input a method may rescale, block by block, in forward order."""
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks, in forward order."""
+        raise NotImplementedError
+
+    def input_groups(self, model: nn.Module, exact_only: bool = False) -> dict[str, tuple[str, ...]]:
+        """Input name -> the names (within a block) of the layers reading it, for every rescalable input of a
+        block (``exact_only``: those with an exact fold)."""
+        return {p.name: p.consumer_names for p in self.rescalable_inputs(model)
+                if p.block == 0 and (p.exact or not exact_only)}
+
+    def rescale_inputs(self, model: nn.Module, factors: dict[tuple[int, str], torch.Tensor]) -> None:
+        """Divide each input (block, name) by its factor, folded where the adapter can (in forward order)."""
+        for p in self.rescalable_inputs(model):
+            if (p.block, p.name) in factors:
+                p.rescale(factors[(p.block, p.name)])

@@ -1,0 +1,71 @@
+"""The class-conditional DiT family: diffusers ``DiTTransformer2DModel`` (adaLN-Zero blocks), loaded from original
+checkpoints, diffusers folders and pipelines, the hub, or the bundled model (``ditquant.models.loading``); layer
+names and block structure from ``ditquant.models.layout``, exact folds from ``ditquant.models.folding``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ditquant.models import folding, layout
+from ditquant.models.adapters.base import Adapter, RescalableInput
+from ditquant.quant.apply import RoleMap
+
+# Per block, the inputs a method may rescale: name -> (role of its readers, fold).
+_INPUTS = {"attention": ("qkv", "modulation"), "attn_out": ("attn_out", "value"), "mlp": ("fc1", "modulation"),
+           "fc2": ("fc2", "online")}
+
+
+class DiTAdapter(Adapter):
+    family = "dit"
+
+    def matches(self, model: nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return (hasattr(model, "transformer_blocks") and getattr(config, "norm_type", None) == "ada_norm_zero"
+                and getattr(config, "num_embeds_ada_norm", None) is not None)
+
+    def load(self, source):
+        from ditquant.models.loading import load_dit
+
+        return load_dit(source)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x, t, y).sample
+
+    def null_condition(self, model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(y, model.config.num_embeds_ada_norm)  # the label table's extra row
+
+    def num_classes(self, model: nn.Module) -> int:
+        return model.config.num_embeds_ada_norm
+
+    def role_map(self, model: nn.Module) -> RoleMap:
+        layers = {name: layout.role_of(name) for name in layout.layers_by_role(model, layout.ROLES)}
+        return RoleMap(roles=layout.ROLES, layers=layers)
+
+    def units(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return layout.reconstruction_units(model)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return layout.transformer_blocks(model)
+
+    def rescalable_inputs(self, model: nn.Module) -> list[RescalableInput]:
+        points = []
+        for b, block in enumerate(self.blocks(model)):
+            for name, consumers in layout.SMOOTHED_INPUTS.items():
+                role, fold = _INPUTS[name]
+                points.append(RescalableInput(
+                    block=b, name=name, role=role, consumers=tuple(block.get_submodule(c) for c in consumers),
+                    consumer_names=consumers, fold=fold, rescale=self._rescaler(block, name, fold)))
+        return points
+
+    @staticmethod
+    def _rescaler(block: nn.Module, name: str, fold: str):
+        if fold == "modulation":
+            return lambda s: folding.fold_into_modulation(block, name, s)
+        if fold == "value":
+            return lambda s: folding.fold_into_value(block, s)
+        return lambda s: folding.divide_online(block.get_submodule(layout.SMOOTHED_INPUTS[name][0]), s)
+
+    def check_foldable(self, model: nn.Module) -> None:
+        """Every block has the adaLN-Zero linear the modulation folds need (checked before any work)."""
+        folding.require_modulation(model)
