@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ditquant.calibration.datamodule import CalibrationData
+from ditquant.api import calibration_set
 from ditquant.calibration.dataset import collate_pairs
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.methods.balancing import balancing_factors, fold_balancing, salience_per_timestep
@@ -64,7 +64,8 @@ def main() -> None:
     args = p.parse_args()
 
     source = DiTSource()
-    calibration = CalibrationData().load_or_record(source, SamplerConfig(kind="ddpm", num_steps=50, cfg_scale=1.5))
+    calibration = calibration_set(load_dit(source), SamplerConfig(kind="ddpm", num_steps=50, cfg_scale=1.5),
+                                  num_timesteps=25, samples_per_timestep=32)
     held_in = Subset(calibration, [t * calibration.per_timestep + j for t in range(calibration.num_timesteps)
                                    for j in range(args.rows_per_timestep)])
     w4, w8, a8 = (QuantSpec(bits=4, granularity="channel"), QuantSpec(bits=8, granularity="channel"),

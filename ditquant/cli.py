@@ -26,7 +26,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ditquant import console, interrupt
-from ditquant.calibration.datamodule import CalibrationData
+from ditquant.datamodule import CalibrationData
 from ditquant.checkpointing import AtomicCheckpointIO, FitCheckpoint
 from ditquant.errors import Interrupted, StoppedEarly, UserError
 from ditquant.options import build
@@ -139,10 +139,14 @@ class DitQuantCLI(LightningCLI):
                                 "with --ckpt_path last, or start over with --overwrite true")
             last.unlink()  # --overwrite: this fit replaces the folder's checkpoint (and, at its start, quantized/)
         # Method options that cannot fit this model fail now, not after the calibration set is recorded.
+        self.datamodule.check_recipe(self.model.sampler)
         self.model.configure_model()
         for cb in self.trainer.callbacks:
             if isinstance(cb, MethodCallback):
                 self.model.check_method(cb.method)
+        steps = self.model.num_fit_steps()  # of the quantized model
+        with self.model.fp_view() as loaded:  # recorded with the run's own model, as loaded
+            self.datamodule.prepare_fit(loaded, self.model.sampler, steps, device=self.trainer.strategy.root_device)
 
     def after_fit(self) -> None:
         if not self.model.progress()["finished"]:  # limits end the fit in FitCheckpoint; this is the safety net

@@ -1,7 +1,7 @@
 """The LightningModule behind ``ditquant fit`` / ``ditquant test``.
 
-fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest); a method's pre-processing callback
-(``ditquant.methods.callbacks``, e.g. PTQ4DiT's balancing) rewrites the weights at the first step, which then
+fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest); the methods named in YAML
+(``ditquant.MethodCallback``, e.g. PTQ4DiT's balancing) rewrite the weights at the first step, which then
 observes the activation ranges of the FP model over the calibration set (static quantizers); every further step is
 one step of block reconstruction (``BlockReconstructor``), whose progress and optimizer state travel in the Lightning checkpoint so
 that ``--ckpt_path last`` resumes mid-unit. At the end the calibrated model is saved to
@@ -11,6 +11,7 @@ written to ``<default_root_dir>/test``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -36,7 +37,8 @@ from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
 from ditquant.models.adapters import quantize_model
-from ditquant.quant.apply import apply_group_sizes, quantization_table, uncalibrated_layers, weight_sqnr_db
+from ditquant.quant.apply import (apply_group_sizes, quantization_table, uncalibrated_layers, unwrapped,
+                                  weight_sqnr_db)
 from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import activation_quantizers, quant_layers
@@ -104,7 +106,7 @@ class DiTQuantization(L.LightningModule):
     def configure_model(self) -> None:
         if self.transformer is not None:
             return
-        loaded = load_dit(self.dit_source)
+        loaded = self._loaded = load_dit(self.dit_source)  # the run's only copy of the model
         self.dit_config: DiTConfig = loaded.config
         self.latent_scale = loaded.latent_scale
         self.vae = loaded.vae  # not a submodule: never quantized, never checkpointed
@@ -122,6 +124,16 @@ class DiTQuantization(L.LightningModule):
             if self.load_quantized is not None:
                 load_quantized(self.transformer, self.load_quantized, self.dit_source, self.quant)
             Console(stderr=True).print(quantization_table(self.transformer))
+
+    @contextlib.contextmanager
+    def fp_view(self):
+        """The loaded model exactly as loaded (quantized layers unwrapped) for the block: what the calibration set
+        is recorded with, before any method changed the weights."""
+        if self.quant is None or self.load_integer is not None:
+            yield self._loaded
+            return
+        with unwrapped(self.transformer):
+            yield self._loaded
 
     def train(self, mode: bool = True) -> "DiTQuantization":
         # Lightning switches to train mode for fit; the DiT must keep inference behaviour (its class-label dropout
@@ -374,7 +386,8 @@ class DiTQuantization(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         model = self.integer_transformer if self.integer_transformer is not None else self.transformer
-        self.evaluator.update(model, batch["index"], batch["y"], reference=self.transformer)
+        labels = batch["index"] % self.dit_config.num_classes  # classes in turn: each equally represented
+        self.evaluator.update(model, batch["index"], labels, reference=self.transformer)
 
     def on_test_epoch_end(self) -> None:
         interrupt.check()  # a stop during the last batch: no metrics file

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
-from ditquant.evaluation.features import load_classifier
+from ditquant.models.bundled.features import load_classifier
 from ditquant.evaluation.sampling import seeded_noise, step_generators
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.loading import DiTSource, load_dit

@@ -18,7 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from ditquant.errors import UserError
-from ditquant.evaluation.features import DomainFeatureExtractor, load_classifier
+from ditquant.models.bundled.features import DomainFeatureExtractor, load_classifier
 from ditquant.models.bundled import CLASSIFIER_FILE, REFERENCE_STATS_FILE
 
 REFERENCES = {"fashion-mnist": REFERENCE_STATS_FILE}

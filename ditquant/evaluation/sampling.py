@@ -19,7 +19,7 @@ from PIL import Image
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.diffusion.samplers import SamplerConfig, sample
-from ditquant.evaluation.features import IMAGE_SIZE
+from ditquant.models.bundled.features import IMAGE_SIZE
 from ditquant.models.dit import DiTConfig
 from ditquant.quant.modules import quant_disabled
 

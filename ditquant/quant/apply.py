@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +53,40 @@ def wrap_layers(model: nn.Module, config: QuantConfig, role_map: RoleMap, init_w
             raise UserError(f"{name}: {e}") from None
         if init_weights:
             wrapped.init_weight_quantizer()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+        _replace(model, name, wrapped)
     if config.attention is not None and config.attention.enabled:
         quantize_attention(model, config.attention)
     return model
+
+
+@contextlib.contextmanager
+def unwrapped(model: nn.Module):
+    """The model exactly as it was before ``wrap_layers`` for the duration of the block: every QuantLayer replaced
+    by the layer it wraps, every quantized attention processor by the one it replaced. Its FP forward is then the
+    loaded model's own (not a quantized model with its quantizers bypassed, whose attention matmuls differ in the
+    last bits). For work on the FP model before any method changed its weights: recording the calibration set with
+    the run's single copy of the model."""
+    from diffusers.models.attention_processor import Attention
+
+    layers = list(quant_layers(model))
+    processors = [(m, m.processor) for m in model.modules()
+                  if isinstance(m, Attention) and isinstance(m.processor, QuantAttnProcessor)]
+    for q in layers:
+        _replace(model, q.name, q.layer)
+    for attention, processor in processors:
+        attention.set_processor(processor.replaced)
+    try:
+        yield model
+    finally:
+        for attention, processor in processors:
+            attention.set_processor(processor)
+        for q in layers:
+            _replace(model, q.name, q)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module], roles: dict[str, str]) -> None:

@@ -58,6 +58,8 @@ def quantize_attention(model: nn.Module, spec: QuantSpec) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, Attention):
-            module.set_processor(QuantAttnProcessor(spec))
+            processor = QuantAttnProcessor(spec)
+            processor.__dict__["replaced"] = module.processor  # not a submodule: never saved (see wrapped_view)
+            module.set_processor(processor)
             count += 1
     return count

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ditquant.evaluation.features import FashionMNISTClassifier
+from ditquant.models.bundled.features import FashionMNISTClassifier
 from ditquant.evaluation.metrics import domain_fid_metric, file_sha256
 from ditquant.io import atomic_write
 from ditquant.models.bundled import CLASSIFIER_FILE, REFERENCE_STATS_FILE

@@ -1,8 +1,12 @@
-"""LightningDataModule serving the calibration set (fit) and the seeded evaluation sample indices (test)."""
+"""LightningDataModule serving the calibration set (fit) and the seeded evaluation sample indices (test).
+
+It is given what it needs: its options at construction, and for fit the run's FP model, sampler and step count
+(``prepare_fit``, called by ``ditquant fit`` once the model is loaded and the methods' options are checked). It
+never reads the LightningModule.
+"""
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Optional
 
@@ -13,21 +17,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ditquant.calibration.dataset import CalibrationRecipe, CalibrationSet, collate_pairs, load_or_record
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
-from ditquant.models.loading import DiTSource, load_dit
-
 
 
 class EvaluationIndices(Dataset):
-    """Sample i of the evaluation set: its label (classes in turn, so every class is equally represented)."""
+    """Sample i of the evaluation set (its condition is the model's business: classes in turn for DiT)."""
 
-    def __init__(self, num_samples: int, num_classes: int):
-        self.num_samples, self.num_classes = num_samples, num_classes
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"index": torch.tensor(i), "y": torch.tensor(i % self.num_classes)}
+        return {"index": torch.tensor(i)}
 
 
 class ShardSampler(DistributedSampler):
@@ -61,8 +63,8 @@ class FitSteps(Dataset):
 class CalibrationData(L.LightningDataModule):
     """Builds (or reuses) the timestep-stratified calibration set of the FP model and serves it.
 
-    The FP model and the sampler recorded from are the LightningModule's (``model.dit``, ``model.sampler``): the
-    papers calibrate with their evaluation sampler.
+    The FP model and the sampler recorded from are the run's (``model.dit``, ``model.sampler``, given to
+    ``prepare_fit``): the papers calibrate with their evaluation sampler.
 
     Args:
         num_timesteps: N recorded sampling steps (PTQ4DiT: 25 at 256 px, 10 at 512 px); null records every step
@@ -97,36 +99,42 @@ class CalibrationData(L.LightningDataModule):
         self.test_batch_size = test_batch_size
         self.calibration: Optional[CalibrationSet] = None
         self.path: Optional[Path] = None
+        self.num_fit_steps: Optional[int] = None
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.calibration is None:
-            task = self.trainer.lightning_module
-            self.calibration = self.load_or_record(task.dit_source, task.sampler)
+    def check_recipe(self, sampler: SamplerConfig) -> None:
+        """Refuse a recipe that cannot be recorded with ``sampler``, before any model is loaded."""
+        CalibrationRecipe(model="", sampler=sampler, **self._recipe(sampler))
 
-    def load_or_record(self, dit: DiTSource, sampler: SamplerConfig) -> CalibrationSet:
+    def _recipe(self, sampler: SamplerConfig) -> dict:
         args = dict(self.recipe_args)
         if args["num_timesteps"] is None:
             args["num_timesteps"] = sampler.num_steps
-        CalibrationRecipe(model="", sampler=sampler, **args)  # validate before loading the model
-        loaded = load_dit(dit)  # a fresh FP copy: the LightningModule's model is already wrapped
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        calibration, self.path = load_or_record(loaded, sampler, self.cache_dir, device=device, **args)
-        del loaded
-        gc.collect()
-        return calibration
+        return args
+
+    def prepare_fit(self, loaded, sampler: SamplerConfig, num_fit_steps: int,
+                    device: Optional[torch.device] = None) -> None:
+        """Reuse or record the calibration set of ``loaded`` (the run's FP model, a ``LoadedDiT``) with ``sampler``;
+        fit then takes ``num_fit_steps`` training batches."""
+        self.check_recipe(sampler)
+        self.calibration, self.path = load_or_record(loaded, sampler, self.cache_dir, device=device,
+                                                     **self._recipe(sampler))
+        self.num_fit_steps = num_fit_steps
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.calibration is None:
+            raise RuntimeError("CalibrationData.prepare_fit must run before fit (ditquant fit calls it)")
 
     def train_dataloader(self) -> DataLoader:
         # fit's batches are step numbers: the LightningModule draws calibration data itself (a full pass to observe
         # activation ranges, then seeded reconstruction batches), so a resumed run needs no dataloader state.
-        return DataLoader(FitSteps(self.trainer.lightning_module.num_fit_steps()), batch_size=None)
+        return DataLoader(FitSteps(self.num_fit_steps), batch_size=None)
 
     def calibration_loader(self) -> DataLoader:
         """The calibration set in a fixed order, ``batch_size`` entries per batch."""
         return DataLoader(self.calibration, batch_size=self.batch_size, shuffle=False, collate_fn=collate_pairs)
 
     def test_dataloader(self) -> DataLoader:
-        num_classes = self.trainer.lightning_module.dit_config.num_classes
-        dataset = EvaluationIndices(self.num_test_samples, num_classes)
+        dataset = EvaluationIndices(self.num_test_samples)
         sampler = None
         if self.trainer.world_size > 1:
             sampler = ShardSampler(dataset, self.trainer.world_size, self.trainer.global_rank)
