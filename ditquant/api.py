@@ -23,9 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ditquant.calibration.dataset import CalibrationSet, collate_pairs, load_or_record
+from ditquant.calibration.dataset import CalibrationSet, calibration_batches, load_or_record
 from ditquant.calibration.observe import observe_activation_ranges
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.evaluation.sampling import seeded_noise, step_generators
@@ -65,7 +64,7 @@ def quantize(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 def calibrate(model: nn.Module, calibration: CalibrationSet, batch_size: int = 32) -> None:
     """Observe the static activation ranges over the calibration set (``data.batch_size`` entries per batch)."""
-    observe_activation_ranges(model, _batches(calibration, batch_size))
+    observe_activation_ranges(model, calibration_batches(calibration, batch_size))
 
 
 def reconstruct(model: nn.Module, calibration: CalibrationSet, config: ReconstructionConfig,
@@ -136,6 +135,3 @@ def generate(model: nn.Module, labels: torch.Tensor, sampler: SamplerConfig = Sa
                 step_generators(indices, seed, device))
     return (vae.decode(x / latent_scale).sample if vae is not None else x).clamp(-1, 1)
 
-
-def _batches(calibration: CalibrationSet, batch_size: int) -> DataLoader:
-    return DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs)

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ditquant.calibration.dataset import CalibrationRecipe, CalibrationSet, collate_pairs, load_or_record
+from ditquant.calibration.dataset import CalibrationRecipe, CalibrationSet, calibration_batches, load_or_record
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
 
@@ -131,7 +131,7 @@ class CalibrationData(L.LightningDataModule):
 
     def calibration_loader(self) -> DataLoader:
         """The calibration set in a fixed order, ``batch_size`` entries per batch."""
-        return DataLoader(self.calibration, batch_size=self.batch_size, shuffle=False, collate_fn=collate_pairs)
+        return calibration_batches(self.calibration, self.batch_size)
 
     def test_dataloader(self) -> DataLoader:
         dataset = EvaluationIndices(self.num_test_samples)

@@ -26,7 +26,7 @@ from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations, quant_disabled, quant_layers
 from ditquant.quant.spec import QuantSpec
 from ditquant.reconstruction.cache import UnitCache
-from ditquant.reconstruction.capture import capture_input, capture_output, replay
+from ditquant.calibration.capture import capture_input, replay, run_until_output
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
 from tests.cli_helpers import checkpointed_step, fit_command
@@ -80,7 +80,7 @@ def test_capture_and_replay_reproduce_each_unit():
     assert names == ["pos_embed.proj", "transformer_blocks.0", "transformer_blocks.1", "proj_out_1", "proj_out_2"]
     for _, unit in reconstruction_units(model):
         sig, rows = capture_input(lambda: model(x, t, y), unit, batch=4)
-        out = capture_output(lambda: model(x, t, y), unit)
+        out = run_until_output(lambda: model(x, t, y), unit)
         torch.testing.assert_close(replay(unit, sig, rows), out)
 
 

@@ -19,7 +19,7 @@ import torch
 from rich.progress import MofNCompleteColumn, Progress
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
@@ -191,6 +191,12 @@ class CalibrationSet(Dataset):
 def collate_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Concatenate entries (each one row, or a cond/null pair) into one batch."""
     return {k: torch.cat([it[k] for it in items]) for k in items[0]}
+
+
+def calibration_batches(calibration: Dataset, batch_size: int) -> DataLoader:
+    """The one way to feed a calibration set (or a subset) to a model: in order, ``batch_size`` entries per batch
+    (a guidance pair counts once and yields two rows), as {x, t, y} batches."""
+    return DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs)
 
 
 def load_or_record(loaded, sampler: SamplerConfig, cache_dir: str | Path, num_timesteps: Optional[int] = 25,

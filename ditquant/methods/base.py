@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ditquant.calibration.dataset import collate_pairs
+from ditquant.calibration.dataset import calibration_batches
 from ditquant.errors import UserError
 from ditquant.quant.modules import quant_disabled
 
@@ -66,7 +65,7 @@ class MethodContext:
         """The calibration set in order, ``batch_size`` entries per batch."""
         if self.batches is not None:
             return self.batches()
-        return DataLoader(calibration, batch_size=self.batch_size, shuffle=False, collate_fn=collate_pairs)
+        return calibration_batches(calibration, self.batch_size)
 
 
 class Method:

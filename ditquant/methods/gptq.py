@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ditquant import interrupt
+from ditquant.calibration.capture import run_until_output
 from ditquant.errors import UserError
 from ditquant.methods.base import Method, MethodContext, register
 from ditquant.models.adapters import adapter_for
@@ -102,10 +103,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     return GPTQResult(codes.reshape(out_features, n // g, g), scales[..., None], zeros[..., None])
 
 
-class _StopForward(Exception):
-    """Raised at the end of the unit being processed: the rest of the model is not needed."""
-
-
 class HessianAccumulator:
     """H = 2/N · Σ xᵀx over every input row x that reaches a layer (a running mean over calls)."""
 
@@ -121,16 +118,11 @@ class HessianAccumulator:
 
 
 @contextlib.contextmanager
-def _record_inputs(layers: list[QuantLayer], unit: nn.Module):
-    """Accumulate each layer's quantized input (the input quantizer's output) and stop the forward after ``unit``."""
+def _record_inputs(layers: list[QuantLayer]):
+    """Accumulate each layer's quantized input (the input quantizer's output)."""
     stats = {q.name: HessianAccumulator(q.layer.weight[0].numel(), q.layer.weight.device) for q in layers}
     handles = [q.input_quantizer.register_forward_hook(lambda m, args, out, s=stats[q.name]: s.add(out))
                for q in layers]
-
-    def stop(*_):
-        raise _StopForward
-
-    handles.append(unit.register_forward_hook(stop))
     try:
         yield stats
     finally:
@@ -157,13 +149,10 @@ def quantize_model_gptq(model: nn.Module, loader: Iterable[dict], blocksize: int
                             "GPTQ must be the only weight method")
         # Static activation ranges are observed after GPTQ: until then those inputs stay full precision.
         unobserved = [a for a in activation_quantizers(model) if not a.calibrated]
-        with bypassing([q.weight_quantizer for q in layers] + unobserved), _record_inputs(layers, unit) as stats:
+        with bypassing([q.weight_quantizer for q in layers] + unobserved), _record_inputs(layers) as stats:
             for batch in loader:
                 interrupt.check()
-                try:
-                    adapter.forward_batch(model, batch)
-                except _StopForward:
-                    pass
+                run_until_output(lambda: adapter.forward_batch(model, batch), unit)  # the rest is not needed
         for q in layers:
             result = gptq_quantize(q.layer.weight, stats[q.name].h, q.weight_quantizer.spec, blocksize, damping)
             quantizer = q.weight_quantizer

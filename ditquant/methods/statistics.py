@@ -10,10 +10,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ditquant import interrupt
-from ditquant.calibration.dataset import collate_pairs
+from ditquant.calibration.dataset import calibration_batches
 from ditquant.models.adapters import adapter_for
 
 # visit((block index, input name), input activation (rows, tokens, channels), timestep of every row)
@@ -34,7 +34,7 @@ def visit_block_inputs(model: nn.Module, calibration: Dataset, inputs: dict[str,
             handles.append(block.get_submodule(consumers[0]).register_forward_pre_hook(hook))
     device = next(model.parameters()).device
     try:
-        for batch in DataLoader(calibration, batch_size=batch_size, shuffle=False, collate_fn=collate_pairs):
+        for batch in calibration_batches(calibration, batch_size):
             interrupt.check()
             current_t[:] = [batch["t"].to(device)]
             adapter.forward_batch(model, batch)

@@ -17,16 +17,16 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ditquant import interrupt
-from ditquant.calibration.dataset import collate_pairs
+from ditquant.calibration.dataset import calibration_batches
 from ditquant.errors import UserError
 from ditquant.models.adapters import adapter_for
 from ditquant.quant.adaround import RoundingSchedule
 from ditquant.quant.modules import activation_quantizers, activations_unquantized, quant_disabled, quant_layers
 from ditquant.reconstruction.cache import UnitCache
-from ditquant.reconstruction.capture import CallSignature, capture_input, capture_output, replay
+from ditquant.calibration.capture import CallSignature, capture_input, replay, run_until_output
 from ditquant.reconstruction.config import ReconstructionConfig
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,7 @@ class BlockReconstructor:
     @torch.no_grad()
     def _fill_cache(self, active: _ActiveStage) -> None:
         """FP outputs of the unit (targets) and its inputs from the quantized prefix, over the calibration set."""
-        loader = DataLoader(self.calibration, batch_size=self.config.batch_size, shuffle=False,
-                            collate_fn=collate_pairs)
+        loader = calibration_batches(self.calibration, self.config.batch_size)
         num_rows = len(self.calibration) * self.calibration[0]["t"].numel()  # an entry is one row or a guidance pair
         spill = self.spill_dir / f"stage{active.index:03d}" if self.spill_dir is not None else None
         active.cache = UnitCache(num_rows, int(self.config.cache_memory_gb * 2**30), spill)
@@ -232,7 +231,7 @@ class BlockReconstructor:
             def forward():
                 return self.adapter.forward(self.model, x, t, y)
             with quant_disabled(self.model):
-                target = capture_output(forward, active.unit)
+                target = run_until_output(forward, active.unit)
             with self._activation_mode(active.stage):
                 signature, rows = capture_input(forward, active.unit, batch=len(t))
             active.signature = active.signature or signature

@@ -1,4 +1,5 @@
-"""Capture what one submodule receives and returns inside a full model forward, and replay it on the submodule.
+"""Run a model forward until one submodule (a unit) is called or returns, capture what it receives or returns, and
+replay it on the submodule.
 
 A unit's input is recorded with a forward pre-hook, its output with a forward hook; either way the forward stops
 right there (an exception unwinds it), so capturing unit i costs the prefix up to i and nothing after.
@@ -79,8 +80,9 @@ def capture_input(model_forward: Callable[[], Any], unit: nn.Module, batch: int
         lambda module, args, kwargs: record(_split(args, kwargs, batch)), with_kwargs=True))
 
 
-def capture_output(model_forward: Callable[[], Any], unit: nn.Module) -> torch.Tensor:
-    """Run ``model_forward`` until ``unit`` returns; return its output (a tensor)."""
+def run_until_output(model_forward: Callable[[], Any], unit: nn.Module) -> torch.Tensor:
+    """Run ``model_forward`` until ``unit`` returns, and no further; return its output (a tensor). The one way to
+    stop a model forward at a unit (reconstruction targets, GPTQ's Hessians of a unit's layers)."""
     return _run_until_hook(model_forward, unit, lambda m, record: m.register_forward_hook(
         lambda module, args, output: record(_first(output))))
 
@@ -92,3 +94,4 @@ def _first(output):
 def replay(unit: nn.Module, signature: CallSignature, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     args, kwargs = signature.bind(rows)
     return _first(unit(*args, **kwargs))
+
