@@ -51,9 +51,25 @@ def run_one(name: str, stack: list[str], out: Path, calib: Path, scratch: Path) 
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
 
 
+# Tensors renamed on purpose since records were first made (same values, new names): old suffix -> new suffix.
+RENAMED = {".input_divisor": ".input_transforms.0.divisor", ".lora_left": ".branches.0.left",
+           ".lora_right": ".branches.0.right"}
+
+
+def current_names(tensors: dict) -> dict:
+    """A record's tensors under today's names (``RENAMED``)."""
+    def rename(key: str) -> str:
+        for old, new in RENAMED.items():
+            if key.endswith(old):
+                return key[: -len(old)] + new
+        return key
+    return {rename(k): v for k, v in tensors.items()}
+
+
 def compare_runs(reference: Path, new: Path) -> tuple[bool, str]:
     """Every calibrated tensor and every sample equal? A line saying so, or where they differ."""
-    a, b = load_file(reference / "quantized" / "model.safetensors"), load_file(new / "quantized" / "model.safetensors")
+    a = current_names(load_file(reference / "quantized" / "model.safetensors"))
+    b = load_file(new / "quantized" / "model.safetensors")
     if a.keys() != b.keys():
         return False, f"tensor names differ: {sorted(a.keys() ^ b.keys())[:5]}"
     differ = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a if not torch.equal(a[k], b[k])}

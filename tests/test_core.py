@@ -99,3 +99,36 @@ def test_fit_loads_the_model_once(tmp_path, monkeypatch):
     run("fit", "--config", "configs/ptq4dit_w8a8.yaml", "--trainer.default_root_dir", str(tmp_path / "run"),
         "--data.cache_dir", str(tmp_path / "calib"), "--model.reconstruction.iterations", "2", *SMALL)
     assert len(calls) == 1 and any((tmp_path / "calib").iterdir())  # recorded with the run's model
+
+
+def test_layer_pieces_own_their_state_and_load_from_saved_states_of_any_age():
+    """A layer with a divisor and a low-rank branch saves them as its pieces' state; a fresh layer loads that state,
+    and the names ditquant 0.1 saved them under (input_divisor, lora_left, lora_right), fake and integer alike."""
+    from ditquant.integer.convert import to_integer_layer
+    from ditquant.integer.linear import IntLinear
+
+    def layer(seed: int):
+        torch.manual_seed(seed)
+        model = dq.quantize(random_dit(depth=1, seed=seed), dq.QuantConfig(roles=["fc2"]))
+        return model.transformer_blocks[0].ff.net[2]
+
+    q = layer(0)
+    q.divide_input(torch.rand(q.layer.in_features) + 0.5)
+    q.compensate_low_rank(rank=2, iterations=2)
+    with torch.no_grad(), dq.observing_activations(q):
+        q(torch.randn(4, 3, q.layer.in_features))
+    state = q.state_dict()
+    assert {"input_transforms.0.divisor", "branches.0.left", "branches.0.right"} <= set(state)
+    legacy = {{"input_transforms.0.divisor": "input_divisor", "branches.0.left": "lora_left",
+               "branches.0.right": "lora_right"}.get(k, k): v for k, v in state.items()}
+    x = torch.randn(2, 5, q.layer.in_features)
+    for saved in (state, legacy):
+        fresh = layer(1)
+        fresh.load_state_dict(dict(saved))
+        assert torch.equal(fresh(x), q(x))
+    integer = to_integer_layer(q)
+    int_state = {{"input_transforms.0.divisor": "input_divisor", "branches.0.left": "lora_left",
+                  "branches.0.right": "lora_right"}.get(k, k): v for k, v in integer.state_dict().items()}
+    shell = IntLinear(integer.out_features, integer.in_features, integer.weight_spec, integer.input_spec)
+    shell.load_state_dict(int_state)
+    assert torch.equal(shell(x), integer(x))

@@ -114,14 +114,14 @@ def test_stored_codes_low_rank_branch_and_divisor_are_kept(extras_setting):
         layers[0].adaround.alpha.normal_(0, 2)  # a rounding that differs from round-to-nearest
     layers[0].finish_adaround()
     layers[1].compensate_low_rank(rank=2, iterations=2)
-    layers[3].input_divisor = torch.rand(layers[3].layer.in_features) + 0.5
+    layers[3].divide_input(torch.rand(layers[3].layer.in_features) + 0.5)
     integer = to_integer(model)
     for q in layers[:4]:
         layer = integer.get_submodule(q.name)
         x = torch.randn(2, 6, layer.in_features)
         with torch.no_grad():
             assert sqnr_db(q(x), layer(x)) > 90, q.name
-    assert integer.get_submodule(layers[1].name).lora_left is not None
+    assert len(integer.get_submodule(layers[1].name).branches) == 1
 
 
 def test_uncalibrated_or_unquantized_models_are_refused():

@@ -31,7 +31,7 @@ def test_low_rank_beats_round_to_nearest_on_every_bundled_layer():
         rtn = torch.linalg.matrix_norm(w - quantize_tensor(w, W4, True)).item()
         errors = layer.compensate_low_rank(rank=32, iterations=10)
         with torch.no_grad():
-            approx = layer.quantized_weight() + layer.lora_left @ layer.lora_right
+            approx = layer.quantized_weight() + layer.branches[0].dense()
         kept = torch.linalg.matrix_norm(w - approx).item()
         assert kept == pytest.approx(min(errors), rel=1e-4)  # the best iterate is the one kept
         assert kept < rtn, layer.name
@@ -63,7 +63,8 @@ def test_low_rank_layer_forward_fp_mode_and_reload():
     x = torch.randn(3, 5, layer.layer.in_features)
     xq = quantize_tensor(x, DYNAMIC_A8, False)
     with torch.no_grad():
-        expected = xq @ layer.quantized_weight().T + (xq @ layer.lora_right.T) @ layer.lora_left.T + layer.layer.bias
+        branch = layer.branches[0]
+        expected = xq @ layer.quantized_weight().T + (xq @ branch.right.T) @ branch.left.T + layer.layer.bias
         torch.testing.assert_close(layer(x), expected)
         with quant_disabled(model):  # the FP model has no low-rank branch
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.layer.weight, layer.layer.bias))

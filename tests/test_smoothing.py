@@ -75,11 +75,11 @@ def test_smoothing_keeps_the_fp_function_and_fc2_divides_on_the_fly():
     with torch.no_grad(), quant_disabled(model):
         torch.testing.assert_close(model(x, t, y).sample, ref, rtol=1e-9, atol=1e-9)
     fc2 = transformer_blocks(model)[0].ff.net[2]
-    torch.testing.assert_close(fc2.input_divisor, factors[(0, "fc2")])
+    torch.testing.assert_close(fc2.input_transforms[0].divisor, factors[(0, "fc2")])
     fresh = tiny_model().double()
     quantize_model(fresh, QuantConfig(weight=W4, activation=A8, roles=["qkv", "attn_out", "fc1", "fc2"]))
     fresh.load_state_dict(model.state_dict())  # the divisor travels in the state
-    torch.testing.assert_close(transformer_blocks(fresh)[0].ff.net[2].input_divisor, fc2.input_divisor)
+    torch.testing.assert_close(transformer_blocks(fresh)[0].ff.net[2].input_transforms[0].divisor, fc2.input_transforms[0].divisor)
 
 
 def test_alpha_grid_must_lie_in_the_unit_interval():

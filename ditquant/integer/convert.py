@@ -69,9 +69,10 @@ def to_integer_layer(q: QuantLayer) -> IntLinear:
         out.bias = q.layer.bias.detach().clone().float()
     if aq.scale is not None:
         out.input_scale, out.input_zero = aq.scale.detach().clone(), aq.zero_point.clone()
-    for name in ("input_divisor", "lora_left", "lora_right"):
-        if getattr(q, name) is not None:
-            setattr(out, name, getattr(q, name).detach().clone())
+    for transform in q.input_transforms:
+        out.input_transforms.append(transform.to_integer())
+    for branch in q.branches:
+        out.branches.append(branch.to_integer())
     return out
 
 

@@ -27,10 +27,12 @@ from torch import nn
 from ditquant.errors import UserError
 from ditquant.integer.packing import unpack_int4
 from ditquant.quant.affine import qparams_from_range
+from ditquant.quant.pieces import prepare_pieces
 from ditquant.quant.quantizer import grouped
 from ditquant.quant.spec import QuantSpec
 
 INT8_SHIFT = 128  # unsigned 8-bit codes 0..255 -> int8 -128..127
+OPTIONAL_BUFFERS = ("weight_offset", "bias", "input_scale", "input_zero")
 
 
 def code_shift(spec: QuantSpec) -> int:
@@ -56,9 +58,9 @@ class IntLinear(nn.Module):
 
     Buffers: ``weight`` (int8 (out, in), or uint8 (out, in/2) packed for ≤ 4 bits), ``weight_scale`` (out, groups),
     ``weight_zero`` (int8 zero points subtracted after unpacking int4), ``weight_offset`` (asymmetric 8-bit weights:
-    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point), ``bias``, and the method
-    extras ``input_divisor`` (x / s before quantization) and ``lora_left`` / ``lora_right`` (a full-precision
-    low-rank branch fed the quantized input).
+    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point),
+    ``bias``; and the fake-quantized layer's pieces (``ditquant.quant.pieces``), run in floating point:
+    ``input_transforms`` before quantization and ``branches`` added to the output.
     """
 
     def __init__(self, out_features: int, in_features: int, weight_spec: QuantSpec, input_spec: QuantSpec,
@@ -83,8 +85,10 @@ class IntLinear(nn.Module):
         groups = scale_groups(weight_spec, in_features)
         self.register_buffer("weight_scale", torch.empty(out_features, groups))
         self.register_buffer("weight_zero", torch.empty(out_features, groups, dtype=torch.int8) if self.packed else None)
-        for name_ in ("weight_offset", "bias", "input_scale", "input_zero", "input_divisor", "lora_left", "lora_right"):
+        for name_ in OPTIONAL_BUFFERS:
             self.register_buffer(name_, None)
+        self.input_transforms = nn.ModuleList()
+        self.branches = nn.ModuleList()
         self._cache: Optional[tuple[tuple, dict]] = None
 
     # ---- weights ----
@@ -143,19 +147,19 @@ class IntLinear(nn.Module):
             batch, _, height, width = x.shape
             x = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
         lead = x.shape[:-1]
-        if self.input_divisor is not None:
-            x = x / self.input_divisor
+        for transform in self.input_transforms:
+            x = transform(x)
         if not self.input_spec.enabled:  # weight-only quantization
             xq = x.reshape(-1, self.in_features)
             y = F.linear(xq, self.dequantized_weight(), self.bias)
         else:
             codes, scale, zero = self.quantize_input(x.float())
             y = self._integer_matmul(codes, scale, zero)
-            if self.lora_left is not None:  # the branch reads the dequantized input
+            if any(b.reads == "quantized" for b in self.branches):  # those branches read the dequantized input
                 xq = ((codes.float().view(codes.shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
                       ).view(codes.shape)
-        if self.lora_left is not None:
-            y = y + F.linear(F.linear(xq, self.lora_right), self.lora_left)
+        for branch in self.branches:
+            y = y + branch(xq if branch.reads == "quantized" else x.reshape(-1, self.in_features))
         y = y.reshape(*lead, self.out_features)
         if self.patch is not None:
             y = y.transpose(1, 2).reshape(batch, self.out_features, height // self.patch, width // self.patch)
@@ -229,10 +233,11 @@ class IntLinear(nn.Module):
         return y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("weight_offset", "bias", "input_scale", "input_zero", "input_divisor", "lora_left", "lora_right"):
+        for name in OPTIONAL_BUFFERS:
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))
+        prepare_pieces(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

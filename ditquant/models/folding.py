@@ -110,4 +110,4 @@ def divide_online(layer: QuantLayer, s: torch.Tensor) -> None:
         raise UserError("divide_online needs a QuantLayer (the division lives in its forward)")
     s = _check(s, layer.layer.in_features, f"divide_online({layer.name})").to(layer.layer.weight)
     scale_input_columns([layer], s)
-    layer.input_divisor = s * layer.input_divisor if layer.input_divisor is not None else s.clone()
+    layer.divide_input(s)

@@ -13,6 +13,7 @@ from ditquant.errors import UserError
 from ditquant.quant.adaround import AdaRoundWeight
 from ditquant.quant.affine import integer_codes
 from ditquant.quant.lora import low_rank_quantize
+from ditquant.quant.pieces import ChannelDivisor, LowRankBranch, prepare_pieces
 from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor, ungrouped
 from ditquant.quant.spec import QuantSpec
 
@@ -35,10 +36,13 @@ def _scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tupl
 class QuantLayer(nn.Module):
     """Wraps one Linear or Conv2d: y = layer(Q_a(x)) with weight Q_w(W). Keeps the FP weight for reconstruction.
 
-    The quantized weight is, in order of precedence: the soft AdaRound weight while a reconstruction learns it
-    (``adaround``), the hard integer codes it ended with (``weight_codes``), or round-to-nearest of W. With low-rank
-    compensation (``compensate_low_rank``, DiTAS) the codes quantize W − L·R and a full-precision branch L·R reads
-    the same quantized input: y = Q_w(W − L·R)·Q_a(x) + L·(R·Q_a(x)) + b.
+    The quantized weight (the weight source) is, in order of precedence: the soft AdaRound weight while a
+    reconstruction learns it (``adaround``), stored integer codes (``weight_codes``: AdaRound's hardened rounding,
+    GPTQ's or low-rank compensation's), or round-to-nearest of W. Around it, the layer's pieces
+    (``ditquant.quant.pieces``): ``input_transforms`` applied to x in front of the input quantizer (their inverse
+    folded into W), and full-precision ``branches`` added to the output. With low-rank compensation
+    (``compensate_low_rank``, DiTAS) the codes quantize W − L·R and a branch L·R reads the same quantized input:
+    y = Q_w(W − L·R)·Q_a(x) + L·(R·Q_a(x)) + b.
     """
 
     def __init__(self, layer: nn.Module, weight_spec: QuantSpec, input_spec: QuantSpec, name: str = "",
@@ -51,9 +55,8 @@ class QuantLayer(nn.Module):
         self._make_quantizers(weight_spec, input_spec)
         self.adaround: Optional[AdaRoundWeight] = None
         self.register_buffer("weight_codes", None)
-        self.register_buffer("lora_left", None)
-        self.register_buffer("lora_right", None)
-        self.register_buffer("input_divisor", None)  # per-channel x / s at run time (smoothing with nowhere to fold)
+        self.input_transforms = nn.ModuleList()
+        self.branches = nn.ModuleList()
         self._inference_weight: Optional[tuple[tuple, torch.Tensor]] = None
 
     def _make_quantizers(self, weight_spec: QuantSpec, input_spec: QuantSpec) -> None:
@@ -98,7 +101,15 @@ class QuantLayer(nn.Module):
     def frozen_weight(self) -> bool:
         """The quantized weight is no longer a function of the FP weight alone (codes or a low-rank branch): a
         re-parameterization of W must come before whatever produced it."""
-        return self.weight_codes is not None or self.lora_left is not None or self.adaround is not None
+        return self.weight_codes is not None or len(self.branches) > 0 or self.adaround is not None
+
+    def divide_input(self, s: torch.Tensor) -> None:
+        """x / s per channel at run time (the caller multiplied W's columns by s): merged into a trailing divisor."""
+        last = self.input_transforms[-1] if len(self.input_transforms) else None
+        if isinstance(last, ChannelDivisor):
+            last.divisor = s * last.divisor
+        else:
+            self.input_transforms.append(ChannelDivisor(s.clone()))
 
     @torch.no_grad()
     def compensate_low_rank(self, rank: int, iterations: int) -> list[float]:
@@ -114,7 +125,7 @@ class QuantLayer(nn.Module):
         result = low_rank_quantize(self.layer.weight, quantize, rank, iterations)
         q.init_from(result.quantized_input)
         self.store_codes(integer_codes(grouped(result.quantized_input, q.spec, True), q.scale, q.zero_point, q.spec))
-        self.lora_left, self.lora_right = result.left, result.right
+        self.branches.append(LowRankBranch(result.left, result.right, reads="quantized"))
         return result.errors
 
     def quantized_weight(self) -> torch.Tensor:
@@ -136,8 +147,10 @@ class QuantLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         """What the layer multiplies its quantized input by: Q_w(·) plus the low-rank branch, if any."""
         w = self.quantized_weight()
-        if self.lora_left is not None and w is not self.layer.weight:
-            w = w + (self.lora_left @ self.lora_right).reshape(w.shape)
+        if w is not self.layer.weight:
+            for branch in self.branches:
+                if branch.reads == "quantized":
+                    w = w + branch.dense().reshape(w.shape)
         return w
 
     def _fake_quantized_weight(self) -> torch.Tensor:
@@ -147,24 +160,26 @@ class QuantLayer(nn.Module):
         return q(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_divisor is not None:
-            x = x / self.input_divisor
+        for transform in self.input_transforms:
+            x = transform(x)
+        fp_input = x
         x = self.input_quantizer(x)
         w = self.quantized_weight()
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.layer.bias)
         out = F.linear(x, w, self.layer.bias)
-        if self.lora_left is not None and w is not self.layer.weight:  # the FP model (quantizers off) has no branch
-            out = out + F.linear(F.linear(x, self.lora_right), self.lora_left)
+        if w is not self.layer.weight:  # the FP model (quantizers off) has no branch
+            for branch in self.branches:
+                out = out + branch(x if branch.reads == "quantized" else fp_input)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint may hold codes (finished reconstruction) or soft rounding (a unit in progress): make room for
-        # them before loading, so that a fresh model loads any checkpoint of the same configuration.
-        for name in ("weight_codes", "lora_left", "lora_right", "input_divisor"):
-            saved = state_dict.get(prefix + name)
-            if saved is not None and getattr(self, name) is None:
-                setattr(self, name, torch.empty_like(saved))
+        # A checkpoint may hold codes (finished reconstruction), pieces, or soft rounding (a unit in progress): make
+        # room for them before loading, so that a fresh model loads any checkpoint of the same configuration.
+        saved = state_dict.get(prefix + "weight_codes")
+        if saved is not None and self.weight_codes is None:
+            self.weight_codes = torch.empty_like(saved)
+        prepare_pieces(self, state_dict, prefix)
         if prefix + "adaround.alpha" in state_dict and self.adaround is None:
             self.start_adaround()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

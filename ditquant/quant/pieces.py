@@ -1,0 +1,105 @@
+"""The pieces a quantized layer is made of besides its quantizers: input transforms and branches.
+
+A quantized layer computes y = Q_w(W)·Q_a(T(x)) + Σ_b B_b(·) + bias:
+
+- **input transforms** T (``QuantLayer.input_transforms``, applied in order in front of the input quantizer), whose
+  inverse is folded into W offline: ``ChannelDivisor`` (x / s per channel, DiTAS's smoothing of an input with
+  nothing linear in front of it); rotations are the next;
+- **branches** B (``QuantLayer.branches``), full-precision paths added to the output: ``LowRankBranch`` L·(R·x),
+  reading the quantized input (DiTAS's training-free LoRA) — an SVDQuant-style branch reads the transformed FP input
+  instead (``reads = "fp"``).
+
+Each piece is a module that owns its state (its buffers, saved under ``input_transforms.<i>.`` / ``branches.<i>.``),
+and is the same object in the fake-quantized layer and in the integer layer (``to_integer`` is a copy): transforms
+and branches run in floating point in both. ``prepare_pieces`` makes room for the pieces a saved state holds, so a
+fresh layer loads any state of the same configuration — including those saved before pieces existed.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InputTransform(nn.Module):
+    """x -> T(x) in front of the input quantizer (its inverse already folded into the weight)."""
+
+    state_names: ClassVar[tuple[str, ...]] = ()
+
+    def to_integer(self) -> "InputTransform":
+        return copy.deepcopy(self)
+
+
+class ChannelDivisor(InputTransform):
+    """x / s per input channel (the weight's columns were multiplied by s)."""
+
+    state_names = ("divisor",)
+
+    def __init__(self, divisor: torch.Tensor):
+        super().__init__()
+        self.register_buffer("divisor", divisor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.divisor
+
+
+class Branch(nn.Module):
+    """A full-precision path added to the layer's output; ``reads`` the quantized input or the (transformed) FP
+    one. Present only while the weight is quantized: the FP model (quantizers off) has no branch."""
+
+    state_names: ClassVar[tuple[str, ...]] = ()
+    reads: str = "quantized"
+
+    def dense(self) -> torch.Tensor:
+        """The branch as an (out, in) matrix (what it adds to the effective weight)."""
+        raise NotImplementedError
+
+    def to_integer(self) -> "Branch":
+        return copy.deepcopy(self)
+
+
+class LowRankBranch(Branch):
+    """L·(R·x): ``left`` (out, r), ``right`` (r, in)."""
+
+    state_names = ("left", "right")
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, reads: str = "quantized"):
+        super().__init__()
+        self.reads = reads
+        self.register_buffer("left", left)
+        self.register_buffer("right", right)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.right), self.left)
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+
+# Which piece a saved state holds, by the names of its tensors; and the names ditquant 0.1 saved them under.
+_PIECES = {"input_transforms": {("divisor",): ChannelDivisor}, "branches": {("left", "right"): LowRankBranch}}
+_LEGACY = {"input_divisor": "input_transforms.0.divisor", "lora_left": "branches.0.left",
+           "lora_right": "branches.0.right"}
+
+
+def prepare_pieces(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Before ``module`` (with ``input_transforms`` / ``branches`` lists) loads ``state_dict``: rename legacy keys
+    and create empty pieces for the ones the state holds."""
+    for old, new in _LEGACY.items():
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    for kind, classes in _PIECES.items():
+        pieces: nn.ModuleList = getattr(module, kind)
+        for i in range(len(pieces), _count(state_dict, prefix + kind + ".")):
+            names, cls = next((names, cls) for names, cls in classes.items()
+                              if prefix + f"{kind}.{i}.{names[0]}" in state_dict)
+            pieces.append(cls(*(torch.empty_like(state_dict[prefix + f"{kind}.{i}.{n}"]) for n in names)))
+
+
+def _count(state_dict: dict, prefix: str) -> int:
+    indices = {int(k[len(prefix):].split(".", 1)[0]) for k in state_dict if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
