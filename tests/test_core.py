@@ -132,3 +132,33 @@ def test_layer_pieces_own_their_state_and_load_from_saved_states_of_any_age():
     shell = IntLinear(integer.out_features, integer.in_features, integer.weight_spec, integer.input_spec)
     shell.load_state_dict(int_state)
     assert torch.equal(shell(x), integer(x))
+
+
+def test_per_layer_overrides_and_the_saved_plan(tmp_path):
+    """Overrides name layers as well as roles; group sizes are per-layer overrides of the same plan; a saved model
+    is checked against the plan it resolved to, however the config that made it was written."""
+    from ditquant.quant.plan import model_plan
+
+    spec8 = dq.QuantSpec(bits=8, symmetric=False, granularity="channel")
+    config = dq.QuantConfig(weight=dq.QuantSpec(bits=4, granularity="group", group_size=16),
+                            roles=["qkv", "attn_out", "fc1", "fc2"],
+                            overrides=[dq.LayerOverride(layers=["transformer_blocks.1.ff.*"], weight=spec8)],
+                            layer_group_sizes={"transformer_blocks.0.attn1.to_q": 8})
+    model = dq.quantize(random_dit(), config)
+    plan = model_plan(model)
+    assert plan["transformer_blocks.1.ff.net.2"].weight == spec8 and plan["transformer_blocks.1.ff.net.2"].role == "fc2"
+    assert plan["transformer_blocks.0.attn1.to_q"].weight.group_size == 8
+    assert plan["transformer_blocks.0.attn1.to_k"].weight.group_size == 16
+    with pytest.raises(ValueError, match=r"quant.overrides\[0\].layers: 'blocks.9.\*' matches no quantized layer"):
+        dq.quantize(random_dit(), dq.QuantConfig(overrides=[dq.LayerOverride(layers=["blocks.9.*"])]))
+
+    source = dq.DiTSource(source="tiny")
+    rtn = dq.quantize(random_dit(), dq.QuantConfig())
+    dq.calibrate(rtn, dq.CalibrationSet({"xs": torch.randn(1, 2, 4, 8, 8), "ts": torch.tensor([500]),
+                                         "ys": torch.tensor([1, 2])}, null_label=10, guidance=False))
+    dq.save_quantized(rtn, tmp_path / "q", source, dq.QuantConfig())
+    every_role = dq.QuantConfig(roles=list(dq.adapter_for(rtn).role_map(rtn).roles))  # the same layers, spelled out
+    dq.load_quantized(dq.quantize(random_dit(seed=1), every_role), tmp_path / "q", source, every_role)
+    with pytest.raises(ValueError, match=r"different quant: model.quant.plan.pos_embed.proj.weight.bits is 8 there"):
+        four = dq.QuantConfig(weight=dq.QuantSpec(bits=4, granularity="channel"))
+        dq.load_quantized(dq.quantize(random_dit(seed=1), four), tmp_path / "q", source, four)

@@ -13,6 +13,7 @@ from ditquant.errors import UserError
 from ditquant.quant.attention import QuantAttnProcessor, quantize_attention
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import QuantLayer, activation_quantizers, quant_layers
+from ditquant.quant.plan import resolve_plan
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,10 @@ def wrap_layers(model: nn.Module, config: QuantConfig, role_map: RoleMap, init_w
     ``ditquant.quantize_model``, which takes the role map from the model's family adapter."""
     if any(True for _ in quant_layers(model)):
         raise UserError("model is already quantized")
-    roles = role_map.selected(config)
-    layers = {name: model.get_submodule(name) for name in roles}
-    check_layer_group_sizes(config, layers, roles)
-    for name, layer in layers.items():
-        weight_spec, input_spec = config.specs_for(roles[name], name)
+    for name, layer_plan in resolve_plan(config, role_map.selected(config)).items():
+        layer = model.get_submodule(name)
         try:
-            wrapped = QuantLayer(layer, weight_spec, input_spec, name=name, role=roles[name])
+            wrapped = QuantLayer(layer, layer_plan.weight, layer_plan.input, name=name, role=layer_plan.role)
         except ValueError as e:
             raise UserError(f"{name}: {e}") from None
         if init_weights:
@@ -89,25 +87,15 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def check_layer_group_sizes(config: QuantConfig, layers: dict[str, nn.Module], roles: dict[str, str]) -> None:
-    """Every per-layer group size names a quantized layer with a group-wise spec."""
-    unknown = sorted(set(config.layer_group_sizes) - set(layers))
-    if unknown:
-        raise UserError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
-                        f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {sorted(set(roles.values()))})")
-    for name in config.layer_group_sizes:
-        if all(s.granularity != "group" for s in config.specs_for(roles[name])):
-            raise UserError(f"quant.layer_group_sizes: {name} has neither a group-wise weight nor a group-wise "
-                            "input spec (granularity 'group'), so a group size means nothing for it")
-
-
 @torch.no_grad()
 def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
     """Give the QuantLayers of ``model`` the group sizes of ``config`` (the same config otherwise): layers whose
     specs change get fresh quantizers, weights round-to-nearest. Returns the names of the changed layers."""
     changed = []
-    for q in quant_layers(model):
-        weight_spec, input_spec = config.specs_for(q.role, q.name)
+    layers = list(quant_layers(model))
+    plan = resolve_plan(config, {q.name: q.role for q in layers})
+    for q in layers:
+        weight_spec, input_spec = plan[q.name].weight, plan[q.name].input
         if (weight_spec, input_spec) == (q.weight_quantizer.spec, q.input_quantizer.spec):
             continue
         if q.frozen_weight:

@@ -1,8 +1,10 @@
 """A calibrated model on disk: ``model.safetensors`` (the quantized DiT's state: FP or folded weights, scales, zero
-points, AdaRound codes) and ``quantized.yaml`` (the model source and QuantConfig it was made with).
+points, AdaRound codes, the layers' pieces) and ``quantized.yaml`` (the model source and QuantConfig it was made
+with, and the per-layer plan they resolved to).
 
 ``ditquant test --model.load_quantized DIR`` rebuilds the same quantized model and loads the state, without
-recalibrating; the YAML guards against loading into a different model or configuration.
+recalibrating; the YAML guards against loading into a different model or configuration: the plans are compared
+layer by layer (files written before plans were saved: the configs).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from safetensors.torch import load_file, save_file
 from ditquant.errors import UserError
 from ditquant.io import atomic_write, check_same, committed_folder, verify_folder
 from ditquant.quant.config import quant_config_from_dict
+from ditquant.quant.plan import model_plan, plan_as_dict
 
 FORMAT = "ditquant-quantized/1"
 WEIGHTS, META = "model.safetensors", "quantized.yaml"
 
 
-def _describe(source, quant) -> dict:
-    return {"format": FORMAT, "dit": dataclasses.asdict(source), "quant": dataclasses.asdict(quant)}
+def _describe(source, quant, model: torch.nn.Module) -> dict:
+    return {"format": FORMAT, "dit": dataclasses.asdict(source), "quant": dataclasses.asdict(quant),
+            "plan": plan_as_dict(model_plan(model))}
 
 
 def save_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> Path:
@@ -34,7 +38,7 @@ def save_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
         with atomic_write(folder / WEIGHTS) as tmp:
             save_file(state, str(tmp))
         with atomic_write(folder / META) as tmp:
-            tmp.write_text(yaml.safe_dump(_describe(source, quant), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(_describe(source, quant, model), sort_keys=False))
     return folder
 
 
@@ -57,11 +61,17 @@ def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
                                     "`ditquant fit`, e.g. runs/<name>/quantized)")
     verify_folder(folder, (WEIGHTS, META), "model.load_quantized")
     meta = yaml.safe_load(meta_path.read_text())
-    expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant), sort_keys=False))
+    expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant, model), sort_keys=False))
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: not a ditquant calibrated model (format {meta.get('format')!r})")
-    check_same({"model": {"dit": meta.get("dit"), "quant": meta.get("quant")}},
-               {"model": {"dit": expected["dit"], "quant": expected["quant"]}}, f"{meta_path}")
+    if "plan" in meta:  # what the layers are, and the attention matmuls' spec
+        saved = {"dit": meta.get("dit"), "quant": {"attention": (meta.get("quant") or {}).get("attention"),
+                                                   "plan": meta["plan"]}}
+        wanted = {"dit": expected["dit"], "quant": {"attention": expected["quant"]["attention"],
+                                                    "plan": expected["plan"]}}
+    else:
+        saved, wanted = {"dit": meta.get("dit"), "quant": meta.get("quant")}, {k: expected[k] for k in ("dit", "quant")}
+    check_same({"model": saved}, {"model": wanted}, f"{meta_path}")
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:

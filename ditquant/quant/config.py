@@ -3,6 +3,7 @@ which roles a model has is its family adapter's business (``ditquant.models.adap
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -12,17 +13,23 @@ from ditquant.quant.spec import QuantSpec
 
 @dataclass(frozen=True)
 class LayerOverride:
-    """Different specs for the layers of some roles (e.g. keep the final layer at 8 bits).
+    """Different specs for some layers (e.g. keep the final layer at 8 bits): those of ``roles`` and those whose
+    name matches one of ``layers``.
 
     Args:
         roles: layer roles this override applies to.
+        layers: layer names or shell patterns (``transformer_blocks.27.*``) this override applies to.
         weight: weight spec for those layers (None keeps the default).
         activation: input-activation spec for those layers (None keeps the default).
     """
 
-    roles: list[str]
+    roles: list[str] = field(default_factory=list)
+    layers: list[str] = field(default_factory=list)
     weight: Optional[QuantSpec] = None
     activation: Optional[QuantSpec] = None
+
+    def applies(self, role: str, name: str) -> bool:
+        return role in self.roles or any(fnmatch.fnmatchcase(name, p) for p in self.layers)
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,7 @@ class QuantConfig:
         """The weight and input specs of the layer ``name`` of ``role`` (overrides, then per-layer group sizes)."""
         weight, activation = self.weight, self.activation
         for o in self.overrides:
-            if role in o.roles:
+            if o.applies(role, name):
                 weight = o.weight or weight
                 activation = o.activation or activation
         g = self.layer_group_sizes.get(name)
@@ -86,7 +93,8 @@ def quant_config_from_dict(d: dict) -> QuantConfig:
     """The QuantConfig ``dataclasses.asdict`` wrote (as stored in quantized.yaml / integer.yaml)."""
     spec = lambda s: None if s is None else QuantSpec(**s)  # noqa: E731
     return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=None if d.get("roles") is None else list(d["roles"]),
-                       overrides=[LayerOverride(roles=list(o["roles"]), weight=spec(o.get("weight")),
+                       overrides=[LayerOverride(roles=list(o.get("roles") or []), layers=list(o.get("layers") or []),
+                                                weight=spec(o.get("weight")),
                                                 activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
                        attention=spec(d.get("attention")),
                        layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()})
