@@ -23,7 +23,7 @@ import yaml
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr
-from ditquant.integer.command import load_calibrated, quantized_folder
+from ditquant.export.command import load_calibrated, quantized_folder
 from ditquant.integer.convert import to_integer
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ditquant.integer.convert import to_integer
-from ditquant.integer.export import save_integer
+from ditquant.export.integer import save_integer
 from ditquant.integer.linear import IntLinear
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.loading import DiTSource
@@ -138,7 +138,7 @@ _PEAK = """
 import json, sys, torch
 from safetensors.torch import load_file
 from ditquant.models.dit import DiTConfig, build_dit
-from ditquant.integer.export import assign_state, load_integer
+from ditquant.export.integer import assign_state, load_integer
 kind, path, config = sys.argv[1], sys.argv[2], DiTConfig(**json.loads(sys.argv[3]))
 import os
 imported = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident after imports

@@ -20,12 +20,12 @@ from ditquant.methods import (GPTQ, METHODS, GranularitySearch, LowRankCompensat
                               MethodContext, SalienceBalancing, TemporalSmoothing, check_order, register, run_methods)
 from ditquant.integer.agreement import block_sqnr, sqnr_db  # noqa: E402
 from ditquant.integer.convert import to_integer  # noqa: E402
-from ditquant.integer.export import load_integer, save_integer  # noqa: E402
+from ditquant.export.integer import load_integer, save_integer  # noqa: E402
 from ditquant.models.adapters import Adapter, DiTAdapter, RescalableInput, adapter_for  # noqa: E402
 from ditquant.models.loading import DiTSource, LoadedDiT, load_dit  # noqa: E402
 from ditquant.models.adapters import quantize_model  # noqa: E402
 from ditquant.quant.apply import quantization_table  # noqa: E402
-from ditquant.quant.artifact import load_quantized, save_quantized  # noqa: E402
+from ditquant.export.calibrated import load_quantized, save_quantized  # noqa: E402
 from ditquant.quant.config import LayerOverride, QuantConfig  # noqa: E402
 from ditquant.quant.modules import QuantLayer, observing_activations, quant_disabled  # noqa: E402
 from ditquant.quant.spec import QuantSpec  # noqa: E402

@@ -1,4 +1,4 @@
-"""``ditquant fit | test`` (and ``ditquant export``, see ``ditquant.integer.command``): LightningCLI over DiTQuantization + CalibrationData, configured by YAML.
+"""``ditquant fit | test`` (and ``ditquant export``, see ``ditquant.export.command``): LightningCLI over DiTQuantization + CalibrationData, configured by YAML.
 
 Configs compose by repeating ``--config`` (e.g. a model config, then a method config). ``test`` without
 ``--ckpt_path`` uses ``<trainer.default_root_dir>/checkpoints/last.ckpt`` written by ``fit``.
@@ -241,7 +241,7 @@ def main(args=None) -> None:
     if not verbose:
         console.quiet()
     if argv[:1] == ["export"]:  # not a Trainer method: its own small parser
-        from ditquant.integer import command
+        from ditquant.export import command
 
         _run(lambda: command.main(argv[1:]), "export")
         return

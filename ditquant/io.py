@@ -144,3 +144,12 @@ def check_same(saved: dict, expected: dict, where: str) -> None:
         what = parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]  # model.quant... -> quant
         raise UserError(f"{where} was made for a different {what}: {path} is {a!r} there but {b!r} in this "
                         "command's config; use the config it was made with, or make a new one")
+
+
+def yaml_plain(obj):
+    """Tuples as lists, recursively: what a header looks like after a round trip through a checkpoint."""
+    if isinstance(obj, dict):
+        return {k: yaml_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [yaml_plain(v) for v in obj]
+    return obj

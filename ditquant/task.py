@@ -30,16 +30,16 @@ from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
 from ditquant.integer.convert import to_integer
-from ditquant.integer.export import load_integer as load_integer_model
+from ditquant.export.integer import load_integer as load_integer_model
 from ditquant.evaluation.sample_fid import sample_set_scorer
 from ditquant.methods.base import Method, MethodContext, run_method
-from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_temporaries
+from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_temporaries, yaml_plain
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.apply import (apply_group_sizes, quantization_table, uncalibrated_layers, unwrapped,
                                   weight_sqnr_db)
-from ditquant.quant.artifact import load_quantized, save_quantized, saved_layer_group_sizes
+from ditquant.export.calibrated import load_quantized, save_quantized, saved_layer_group_sizes
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import activation_quantizers, quant_layers
 from ditquant.reconstruction.config import ReconstructionConfig
@@ -401,11 +401,3 @@ class DiTQuantization(L.LightningModule):
             if isinstance(value, float):
                 self.log(f"test/{name}", value, rank_zero_only=True)
 
-
-def yaml_plain(obj):
-    """Tuples as lists, recursively: what a header looks like after a round trip through a checkpoint."""
-    if isinstance(obj, dict):
-        return {k: yaml_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [yaml_plain(v) for v in obj]
-    return obj

@@ -9,7 +9,7 @@ import torch
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr, sqnr_db
 from ditquant.integer.convert import to_integer, to_integer_layer
-from ditquant.integer.export import load_integer, save_integer
+from ditquant.export.integer import load_integer, save_integer
 from ditquant.integer.linear import IntLinear
 from ditquant.integer.packing import pack_int4, unpack_int4
 from ditquant.models.bundled import DIT_DIR

@@ -20,7 +20,7 @@ from ditquant.models.layout import reconstruction_units
 from ditquant.models.loading import DiTSource
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.apply import quantization_table
-from ditquant.quant.artifact import load_quantized, save_quantized
+from ditquant.export.calibrated import load_quantized, save_quantized
 from ditquant.quant.attention import QuantAttnProcessor
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import observing_activations, quant_disabled, quant_layers

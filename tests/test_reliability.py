@@ -27,7 +27,7 @@ from ditquant.models.bundled import DIT_DIR
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource
 from ditquant.models.adapters import quantize_model
-from ditquant.quant.artifact import load_quantized, save_quantized
+from ditquant.export.calibrated import load_quantized, save_quantized
 from ditquant.quant.config import QuantConfig
 from tests.cli_helpers import fit_command, run, small_run
 from tests.tiny_models import random_dit

@@ -17,12 +17,12 @@ from rich.table import Table
 
 from ditquant.errors import UserError
 from ditquant.integer.convert import to_integer
-from ditquant.integer.export import save_integer
+from ditquant.export.integer import save_integer
 from ditquant.integer.linear import IntLinear
 from ditquant.models.loading import DiTSource, LoadedDiT, load_dit
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.apply import uncalibrated_layers
-from ditquant.quant.artifact import META, load_quantized
+from ditquant.export.calibrated import META, load_quantized
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import quant_layers
 

@@ -20,7 +20,7 @@ from torch import nn
 from ditquant.errors import UserError
 from ditquant.integer.convert import integer_shell
 from ditquant.integer.linear import IntLinear
-from ditquant.io import atomic_write, committed_folder, verify_folder
+from ditquant.io import atomic_write, check_same, committed_folder, verify_folder, yaml_plain
 from ditquant.models.dit import DiTConfig, build_dit, config_of
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
@@ -90,9 +90,12 @@ def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
     saved_arch = DiTConfig(**meta["architecture"])
     if quant is not None and not quant.layer_group_sizes:  # a searched layout travels with the folder
         quant = dataclasses.replace(quant, layer_group_sizes=saved_quant.layer_group_sizes)
-    for what, expected, saved in (("quant", quant, saved_quant), ("architecture", architecture, saved_arch)):
-        if expected is not None and expected != saved:
-            raise UserError(f"{folder / META}: made for a different {what}\n  file:   {saved}\n  config: {expected}")
+    saved, wanted = {}, {}
+    if quant is not None:
+        saved["quant"], wanted["quant"] = meta["quant"], yaml_plain(dataclasses.asdict(quant))
+    if architecture is not None:
+        saved["architecture"], wanted["architecture"] = meta["architecture"], architecture.to_dict()
+    check_same({"model": saved}, {"model": wanted}, str(folder / META))
     with torch.device("meta"):  # shapes only: the stored tensors are assigned in place of these
         model = quantize_model(build_dit(saved_arch), saved_quant, init_weights=False)
         for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
