@@ -1,55 +1,43 @@
-"""The LightningModule behind ``ditquant fit`` / ``ditquant test``.
-
-fit: wrap the DiT's layers per the QuantConfig (weights round-to-nearest); the methods named in YAML
-(``ditquant.MethodCallback``, e.g. PTQ4DiT's balancing) rewrite the weights at the first step, which then
-observes the activation ranges of the FP model over the calibration set (static quantizers); every further step is
-one step of block reconstruction (``BlockReconstructor``), whose progress and optimizer state travel in the Lightning checkpoint so
-that ``--ckpt_path last`` resumes mid-unit. At the end the calibrated model is saved to
-``<default_root_dir>/quantized``. test: paired, seeded sampling of the quantized and FP models, FID / PSNR, samples
-written to ``<default_root_dir>/test``.
-"""
+"""The LightningModule behind ``ditquant fit`` / ``ditquant test``: what both share — the model (loaded once,
+quantized per the QuantConfig, or loaded from a calibrated or integer artifact) and the checkpoint header (what a
+checkpoint was made with and how far it got) with its checks. What fit does is ``ditquant.fit_loop.FitLoop``
+(methods, activation ranges, block reconstruction, the calibrated model); what test does is
+``ditquant.eval_loop.EvalLoop`` (paired seeded sampling, metrics)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal, Optional
 
 import lightning as L
 import torch
 from rich.console import Console
 
-from ditquant import interrupt
-from ditquant.calibration.observe import observe_activation_ranges
 from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
-from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator, write_json
-from ditquant.integer.convert import to_integer
+from ditquant.eval_loop import EvalLoop
+from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator
+from ditquant.export.calibrated import load_quantized, saved_layer_group_sizes
 from ditquant.export.integer import load_integer as load_integer_model
-from ditquant.evaluation.sample_fid import sample_set_scorer
-from ditquant.methods.base import Method, MethodContext, run_method
-from ditquant.io import InputPath, check_same, check_writable_dir, remove_stale_temporaries, yaml_plain
+from ditquant.fit_loop import FitLoop
+from ditquant.io import InputPath, check_same, yaml_plain
+from ditquant.models.adapters import quantize_model
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
-from ditquant.models.adapters import quantize_model
-from ditquant.quant.apply import (apply_group_sizes, quantization_table, uncalibrated_layers, unwrapped,
-                                  weight_sqnr_db)
-from ditquant.export.calibrated import load_quantized, save_quantized, saved_layer_group_sizes
+from ditquant.quant.apply import apply_group_sizes, quantization_table, unwrapped
 from ditquant.quant.config import QuantConfig
-from ditquant.quant.modules import activation_quantizers, quant_layers
 from ditquant.reconstruction.config import ReconstructionConfig
-from ditquant.reconstruction.reconstructor import BlockReconstructor, plan_stages
+from ditquant.reconstruction.reconstructor import BlockReconstructor
 
 log = logging.getLogger(__name__)
 BACKENDS = ("fake", "integer")
 
 
-class DiTQuantization(L.LightningModule):
+class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
     """Quantize a pretrained DiT and evaluate it.
 
     Args:
@@ -143,146 +131,15 @@ class DiTQuantization(L.LightningModule):
             self.transformer.eval()
         return self
 
-    # ---- fit: activation ranges, then block reconstruction, one step per training batch ----
-
     def configure_optimizers(self):
         return None  # the reconstructor owns one optimizer per stage (its state is in the checkpoint)
-
-    @property
-    def integer_transformer(self) -> Optional[torch.nn.Module]:
-        """The integer model the test samples with (backend ``integer``)."""
-        return self._integer
-
-    def _set_integer_transformer(self, model: torch.nn.Module) -> None:
-        # Outside the module tree (nn.Module.__setattr__ would register it), so that Lightning checkpoints and their
-        # loading see only the fake-quantized transformer.
-        self.__dict__["_integer"] = model
-
-    def num_fit_steps(self) -> int:
-        """Training batches fit needs: one to observe activation ranges, then one per reconstruction step."""
-        if self.load_integer is not None:
-            raise UserError("model.load_integer is for `ditquant test`; fit calibrates from model.dit")
-        if self.quant is None:
-            raise UserError("model.quant is null: there is nothing to calibrate (ditquant test evaluates the FP model)")
-        if self.reconstruction is None:
-            return 1
-        if self._num_fit_steps is None:  # the stages depend only on the quantized structure, fixed during fit
-            self._num_fit_steps = 1 + sum(s.iterations for s in plan_stages(self.transformer, self.reconstruction))
-        return self._num_fit_steps
-
-    @property
-    def activations_observed(self) -> bool:
-        # Walks the model until true (a resumed run finds the ranges in its checkpoint), then stays true.
-        if not self._activations_observed:
-            self._activations_observed = not uncalibrated_layers(self.transformer)
-        return self._activations_observed
-
-    @property
-    def fit_step(self) -> int:
-        """Completed fit steps (activation observation counts as one)."""
-        return int(self.activations_observed) + (self.reconstructor.step if self.reconstructor is not None else 0)
-
-    def progress(self) -> dict:
-        """Where the fit stands: steps done and needed, whether calibration finished, and in words."""
-        step, total = self.fit_step, self.num_fit_steps()
-        short = "observing activations" if step == 0 else "done" if step >= total else ""
-        if step >= total:
-            where = f"fit step {step} of {total} (finished)"
-        elif step == 0:
-            where = f"fit step 0 of {total} (before activation observation)"
-        elif self.reconstruction is None:
-            where = f"fit step {step} of {total}"
-        else:
-            reconstructor = self._reconstructor()
-            index, k = reconstructor.locate(reconstructor.step)
-            stage = reconstructor.stages[index]
-            where = (f"fit step {step} of {total}: reconstruction of {stage.unit}, stage {index + 1} of "
-                     f"{len(reconstructor.stages)}, iteration {k} of {stage.iterations}")
-            short = f"unit {index + 1}/{len(reconstructor.stages)} {stage.unit}"
-        return {"step": step, "total": total, "finished": step >= total, "where": where, "short": short,
-                "start_step": self._start_step}
-
-    def on_fit_start(self) -> None:
-        root = Path(self.trainer.default_root_dir)
-        # A calibrated model from an earlier fit in this folder must not outlive a fit that does not finish.
-        shutil.rmtree(root / "quantized", ignore_errors=True)
-        remove_stale_temporaries(root / "checkpoints")
-        if self.reconstruction is not None and self.reconstruction.cache_dir:
-            check_writable_dir(Path(self.reconstruction.cache_dir), "model.reconstruction.cache_dir")
-
-    def on_train_start(self) -> None:
-        self._fit_started = time.perf_counter()
-        self._start_step = self.fit_step
-        if self.trainer.is_global_zero:
-            Console(stderr=True).print(self._training_summary())
-
-    def _training_summary(self) -> str:
-        """What fit trains (in place of Lightning's parameter count, which is 0: nothing here is an nn.Parameter
-        with a gradient until its unit's stage starts)."""
-        if self.reconstruction is None:
-            return (f"fit: {self.num_fit_steps()} step: activation ranges observed over the calibration set; "
-                    "weights round-to-nearest (or set by the method's pre-processing); nothing is trained")
-        stages = plan_stages(self.transformer, self.reconstruction)
-        rounding = sum(m.layer.weight.numel() for m in quant_layers(self.transformer) if m.learns_rounding)
-        steps = sum(q.scale.numel() for q in activation_quantizers(self.transformer) if q.scale is not None)
-        return (f"fit: {self.num_fit_steps()} steps over {len(stages)} reconstruction stages "
-                f"({self.reconstruction.mode}): trains {rounding:,} AdaRound rounding variables and "
-                f"{steps:,} activation step sizes, one unit at a time")
-
-    def training_step(self, batch, batch_idx: int) -> None:
-        if not self.activations_observed:
-            self._observe_activations()
-        elif self.reconstruction is not None:
-            reconstructor = self._reconstructor()
-            if not reconstructor.done:
-                m = reconstructor.run_step()
-                self.log_dict({"unit": float(m["stage"] + 1), "loss": m["rec"]}, prog_bar=True, on_step=True)
-        max_steps = self.trainer.max_steps
-        # Lightning counts optimizer steps of its own optimizers (none here), so max_steps is applied to fit steps.
-        if self.fit_step >= self.num_fit_steps() or (max_steps is not None and 0 <= max_steps <= self.fit_step):
-            self.trainer.should_stop = True
-
-    def _observe_activations(self) -> None:
-        observe_activation_ranges(self.transformer, self.trainer.datamodule.calibration_loader())
-
-    def _reconstructor(self) -> BlockReconstructor:
-        if self.reconstructor is None:
-            spill = Path(self.reconstruction.cache_dir or Path(self.trainer.default_root_dir) / "cache")
-            self.reconstructor = BlockReconstructor(self.transformer, self.reconstruction,
-                                                    self.trainer.datamodule.calibration, spill_dir=spill)
-            if self._resume_state is not None:
-                self.reconstructor.load_state_dict(self._resume_state)
-                self._resume_state = None
-        return self.reconstructor
 
     def set_layer_group_sizes(self, sizes: dict[str, int]) -> None:
         """Adopt per-layer group sizes (a granularity search's result): the config and the model's quantizers."""
         self.quant = replace(self.quant, layer_group_sizes=dict(sizes))
         apply_group_sizes(self.transformer, self.quant)
 
-    # ---- methods (``ditquant.MethodCallback``): what they may use of this run ----
-
-    def method_context(self, resume: Optional[dict] = None, save_progress=lambda state: None) -> MethodContext:
-        attached = self._trainer is not None
-        data = self.trainer.datamodule if attached else None
-        return MethodContext(
-            batches=data.calibration_loader if data is not None else None,
-            batch_size=data.batch_size if data is not None else 32, quant=self.quant,
-            reconstruction=self.reconstruction,
-            set_quant=lambda quant: self.set_layer_group_sizes(quant.layer_group_sizes),
-            scorer=sample_set_scorer(self.dit_config, self.dit_source, self.sampler, self.evaluation.fid_features,
-                                     self.vae, self.latent_scale, features_option="model.evaluation.fid_features"),
-            output_dir=Path(self.trainer.default_root_dir) if attached else Path("."),
-            resume=resume, save_progress=save_progress)
-
-    def check_method(self, method: Method) -> None:
-        """Refuse a method that cannot fit this model before any work (``ditquant fit`` calls it first)."""
-        method.check(self.transformer, self.method_context())
-
-    def run_method(self, method: Method, resume: Optional[dict] = None, save_progress=lambda state: None) -> dict:
-        ctx = self.method_context(resume, save_progress)
-        method.check(self.transformer, ctx)
-        return run_method(self.transformer, self.trainer.datamodule.calibration, method, ctx)
+    # ---- checkpoints: what they were made with, how far they got ----
 
     def _header(self) -> dict:
         """What a checkpoint was made with (every option that changes its numbers) and how far it got."""
@@ -342,62 +199,3 @@ class DiTQuantization(L.LightningModule):
                                 "drop them from the config (the checkpoint knows its own) or start a new fit")
             self.set_layer_group_sizes(saved)
         self._resume_state = checkpoint.get("reconstruction")
-
-    def on_train_end(self) -> None:
-        if self.fit_step < self.num_fit_steps():
-            return  # stopped early (max_steps / max_time): the checkpoint holds the progress, the CLI says so
-        missing = uncalibrated_layers(self.transformer)
-        if missing:
-            raise RuntimeError(f"{len(missing)} quantizers saw no calibration data, e.g. {missing[:3]}")
-        root = Path(self.trainer.default_root_dir)
-        seconds = self._fit_seconds_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
-        if self.trainer.is_global_zero:
-            save_quantized(self.transformer, root / "quantized", self.dit_source, self.quant)
-            summary = {"label": self.quant.label(), "weight_sqnr_db": weight_sqnr_db(self.transformer),
-                       "fit_seconds": seconds,
-                       "preprocessing": {cb.method.name: cb.report for cb in self.trainer.callbacks
-                                         if isinstance(getattr(cb, "method", None), Method)},
-                       "reconstruction": self.reconstructor.summary if self.reconstructor is not None else []}
-            write_json(summary, root / "quantized" / "fit_summary.json")
-        log.info("weight SQNR %.2f dB; calibrated model saved to %s", weight_sqnr_db(self.transformer),
-                 root / "quantized")
-
-    # ---- test: paired sampling and metrics ----
-
-    def on_test_start(self) -> None:
-        out = Path(self.trainer.default_root_dir) / "test"
-        if self.trainer.is_global_zero:  # nothing of an earlier test may pass for this one's result
-            (out / "metrics.json").unlink(missing_ok=True)
-            remove_stale_temporaries(out)
-        if self.quant is not None and (missing := uncalibrated_layers(self.transformer)):
-            raise UserError(f"the quantized model is not calibrated ({len(missing)} layers, e.g. {missing[0]}): "
-                            "run `ditquant fit` with this config first, or pass --ckpt_path")
-        if self.backend == "integer" and self.integer_transformer is None:
-            self._set_integer_transformer(to_integer(self.transformer))
-        if self.integer_transformer is not None:
-            self.integer_transformer.to(self.device)
-        if self.vae is not None:
-            self.vae.to(self.device)
-        self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.dit_source,
-                                         vae=self.vae, latent_scale=self.latent_scale,
-                                         compare_fp=self.quant is not None)
-        log.info("test: sampling %d images (%s, %d steps)", self.trainer.datamodule.num_test_samples,
-                 self.sampler.kind, self.sampler.num_steps)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        model = self.integer_transformer if self.integer_transformer is not None else self.transformer
-        labels = batch["index"] % self.dit_config.num_classes  # classes in turn: each equally represented
-        self.evaluator.update(model, batch["index"], labels, reference=self.transformer)
-
-    def on_test_epoch_end(self) -> None:
-        interrupt.check()  # a stop during the last batch: no metrics file
-        out_dir = self.trainer.default_root_dir + "/test"
-        label = (self.quant.label() + (" integer" if self.backend == "integer" else "")) if self.quant else "FP"
-        if self._partial is not None:
-            label += f" PARTIAL ({self._partial['where']})"
-        metrics = self.evaluator.finish(out_dir, label=label, write=self.trainer.is_global_zero,
-                                        extra={"partial": self._partial} if self._partial is not None else None)
-        for name, value in metrics.items():
-            if isinstance(value, float):
-                self.log(f"test/{name}", value, rank_zero_only=True)
-
