@@ -3,8 +3,8 @@
 The Python API (see ``ditquant.api`` and README, "Python"): ``load``, ``calibration_set``, ``quantize``,
 ``balance`` / ``smooth`` / ``low_rank`` / ``gptq`` / ``search_group_sizes`` (the methods' steps; the methods
 themselves are registered ``Method`` dataclasses, see ``ditquant.methods``), ``calibrate``, ``reconstruct``,
-``generate`` (seeded samples), ``save_quantized`` / ``load_quantized``, ``to_integer`` / ``save_integer`` / ``load_integer``, and the
-configs and building blocks they take.
+``generate`` (seeded samples), ``save_quantized`` / ``load_quantized``, ``to_integer`` / ``save_integer`` /
+``load_integer``, and the configs and building blocks they take.
 """
 
 __version__ = "0.1.0"
@@ -16,8 +16,9 @@ from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, col
 from ditquant.diffusion.samplers import SamplerConfig, sample  # noqa: E402
 from ditquant.errors import Interrupted, UserError  # noqa: E402
 from ditquant.evaluation.sampling import EvaluationConfig, seeded_noise, step_generators, to_uint8  # noqa: E402
-from ditquant.methods import (GPTQ, METHODS, GranularitySearch, LowRankCompensation, Method,  # noqa: E402
-                              MethodContext, SalienceBalancing, TemporalSmoothing, check_order, register, run_methods)
+from ditquant.methods import (GPTQ, METHODS, GranularitySearch, InputRotation, LowRankCompensation,  # noqa: E402
+                              Method, MethodContext, SalienceBalancing, SVDQuantBranch, TemporalSmoothing, check_order,
+                              register, run_methods)
 from ditquant.integer.agreement import block_sqnr, sqnr_db  # noqa: E402
 from ditquant.integer.convert import to_integer  # noqa: E402
 from ditquant.export.integer import load_integer, save_integer  # noqa: E402
@@ -32,16 +33,16 @@ from ditquant.quant.spec import QuantSpec  # noqa: E402
 from ditquant.reconstruction.config import ReconstructionConfig  # noqa: E402
 from ditquant.reconstruction.reconstructor import BlockReconstructor  # noqa: E402
 
-__all__ = ["balance", "calibrate", "calibration_set", "generate", "gptq", "load", "low_rank", "quantize", "reconstruct",
-           "sample_set_fid", "search_group_sizes", "smooth", "GPTQ", "METHODS", "GranularitySearch",
-           "LowRankCompensation", "Method", "MethodCallback", "MethodContext", "SalienceBalancing",
-           "TemporalSmoothing", "check_order", "register", "run_methods", "Adapter", "DiTAdapter", "RescalableInput",
-           "adapter_for", "sample", "CalibrationRecipe", "CalibrationSet", "collate_pairs", "record_calibration_set",
-           "SamplerConfig", "Interrupted", "UserError", "EvaluationConfig", "seeded_noise", "step_generators",
-           "to_uint8", "block_sqnr", "sqnr_db", "to_integer", "load_integer", "save_integer", "DiTSource",
-           "LoadedDiT", "load_dit", "quantization_table", "quantize_model", "load_quantized", "save_quantized",
-           "LayerOverride", "QuantConfig", "QuantLayer", "observing_activations", "quant_disabled", "QuantSpec",
-           "ReconstructionConfig", "BlockReconstructor"]
+__all__ = ["balance", "calibrate", "calibration_set", "generate", "gptq", "load", "low_rank", "quantize",
+           "reconstruct", "sample_set_fid", "search_group_sizes", "smooth", "SVDQuantBranch", "GPTQ", "METHODS",
+           "GranularitySearch", "InputRotation", "LowRankCompensation", "Method", "MethodCallback", "MethodContext",
+           "SalienceBalancing", "TemporalSmoothing", "check_order", "register", "run_methods", "Adapter",
+           "DiTAdapter", "RescalableInput", "adapter_for", "sample", "CalibrationRecipe", "CalibrationSet",
+           "collate_pairs", "record_calibration_set", "SamplerConfig", "Interrupted", "UserError",
+           "EvaluationConfig", "seeded_noise", "step_generators", "to_uint8", "block_sqnr", "sqnr_db", "to_integer",
+           "load_integer", "save_integer", "DiTSource", "LoadedDiT", "load_dit", "quantization_table",
+           "quantize_model", "load_quantized", "save_quantized", "LayerOverride", "QuantConfig", "QuantLayer",
+           "observing_activations", "quant_disabled", "QuantSpec", "ReconstructionConfig", "BlockReconstructor"]
 
 
 def __getattr__(name: str):

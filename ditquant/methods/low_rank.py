@@ -62,3 +62,48 @@ class LowRankCompensation(Method):
 
     def apply(self, model: nn.Module, calibration=None, ctx=None) -> dict:
         return compensate_low_rank(model, self.rank, self.iterations, self.roles)
+
+
+@register
+@dataclass
+class SVDQuantBranch(Method):
+    """SVDQuant's low-rank branch: per layer, the rank-r SVD L·R of W (after any smoothing or rotation folded into
+    it) stays in floating point as a branch reading the unquantized input, and only the residual W − L·R is
+    quantized (round-to-nearest), so the branch absorbs the weight's dominant, outlier-carrying part. Unlike
+    DiTAS's compensation (``low_rank_compensation``), whose branch reads the quantized input and fits the
+    quantization error, this branch adds r·(in + out) multiply-adds per token in floating point.
+
+    Args:
+        rank: r (SVDQuant: 32).
+        roles: layer roles that get a branch (default: the four block linears).
+    """
+
+    name: ClassVar[str] = "svdquant_branch"
+    changes: ClassVar[frozenset] = frozenset({"quantized_weights"})
+    fp_statistics: ClassVar[bool] = True
+    rank: int = 32
+    roles: list[str] = field(default_factory=lambda: list(BLOCK_LINEAR_ROLES))
+
+    def __post_init__(self):
+        self.roles = list(self.roles)
+        if unknown := sorted(set(self.roles) - set(ROLES)):
+            raise UserError(f"SVDQuantBranch.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
+
+    def _layers(self, model: nn.Module) -> dict:
+        layers = {m.name: m for m in quant_layers(model) if m.role in self.roles}
+        if not layers:
+            raise UserError(f"SVDQuantBranch: no quantized layer has a role in {self.roles}")
+        return layers
+
+    def check(self, model: nn.Module, ctx=None) -> None:
+        for name, layer in self._layers(model).items():
+            check_rank(self.rank, layer.layer.weight, f"SVDQuantBranch.rank ({name})")
+
+    def apply(self, model: nn.Module, calibration=None, ctx=None) -> dict:
+        report = {"rank": self.rank, "rtn_error": {}, "error": {}, "branch_macs_per_token": 0}
+        for name, layer in self._layers(model).items():
+            w = layer.layer.weight
+            report["rtn_error"][name] = (w - quantize_tensor(w, layer.weight_quantizer.spec, True)).norm().item()
+            report["error"][name] = layer.split_low_rank(self.rank)
+            report["branch_macs_per_token"] += self.rank * (w.shape[0] + w.shape[1])
+        return report

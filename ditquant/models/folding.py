@@ -111,3 +111,25 @@ def divide_online(layer: QuantLayer, s: torch.Tensor) -> None:
     s = _check(s, layer.layer.in_features, f"divide_online({layer.name})").to(layer.layer.weight)
     scale_input_columns([layer], s)
     layer.divide_input(s)
+
+
+@torch.no_grad()
+def rotate_into_value(block: nn.Module, head_rotation: torch.Tensor) -> None:
+    """Rotate the attention output projection's input by Q = diag(Q_h, …, Q_h) (one orthogonal Q_h per head) through
+    V's rows: softmax(·)·V acts on each head's channels linearly, so V·Q_h per head gives o·Q; W_v ← Qᵀ·W_v,
+    b_v ← b_v·Q, W_o ← W_o·Q. Exact, and free at run time."""
+    attention = block.attn1
+    value, out = block.get_submodule(VALUE_PROJECTION), block.get_submodule(ATTENTION_OUTPUT)
+    _ensure_foldable([value, out])
+    heads, inner = attention.heads, attention.inner_dim
+    if head_rotation.shape != (inner // heads, inner // heads):
+        raise UserError(f"rotate_into_value: a per-head rotation must be {inner // heads}x{inner // heads}, got "
+                        f"{tuple(head_rotation.shape)}")
+    q = torch.block_diag(*[head_rotation.double()] * heads)
+    v, o = fp_layer(value), fp_layer(out)
+    v.weight.copy_((q.T @ v.weight.double()).to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.copy_((v.bias.double() @ q).to(v.bias.dtype))
+    o.weight.copy_((o.weight.double() @ q).to(o.weight.dtype))
+    _requantize(value)
+    _requantize(out)

@@ -12,8 +12,8 @@ from torch import nn
 from ditquant.errors import UserError
 from ditquant.quant.adaround import AdaRoundWeight
 from ditquant.quant.affine import integer_codes
-from ditquant.quant.lora import low_rank_quantize
-from ditquant.quant.pieces import ChannelDivisor, LowRankBranch, prepare_pieces
+from ditquant.quant.lora import check_rank, low_rank_quantize
+from ditquant.quant.pieces import ChannelDivisor, FloatLowRankBranch, LowRankBranch, Rotation, prepare_pieces
 from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor, ungrouped
 from ditquant.quant.spec import QuantSpec
 
@@ -103,6 +103,20 @@ class QuantLayer(nn.Module):
         re-parameterization of W must come before whatever produced it."""
         return self.weight_codes is not None or len(self.branches) > 0 or self.adaround is not None
 
+    @torch.no_grad()
+    def rotate_input(self, rotation: "Rotation") -> None:
+        """x·Q at run time in front of the input quantizer, W ← W·Q (the FP function is unchanged); checked and done
+        before the weight is fixed."""
+        if not isinstance(self.layer, nn.Linear):
+            raise UserError(f"{self.name}: only Linear inputs can be rotated")
+        if self.frozen_weight:
+            raise UserError(f"{self.name}: its quantized weight is already fixed; rotate the input before that")
+        w = self.layer.weight
+        q = rotation.matrix(w.shape[1])  # float64: the fold itself adds no error beyond the final rounding
+        w.copy_((w.double() @ q).to(w.dtype))
+        self.input_transforms.append(rotation)
+        self.init_weight_quantizer()
+
     def divide_input(self, s: torch.Tensor) -> None:
         """x / s per channel at run time (the caller multiplied W's columns by s): merged into a trailing divisor."""
         last = self.input_transforms[-1] if len(self.input_transforms) else None
@@ -125,8 +139,28 @@ class QuantLayer(nn.Module):
         result = low_rank_quantize(self.layer.weight, quantize, rank, iterations)
         q.init_from(result.quantized_input)
         self.store_codes(integer_codes(grouped(result.quantized_input, q.spec, True), q.scale, q.zero_point, q.spec))
-        self.branches.append(LowRankBranch(result.left, result.right, reads="quantized"))
+        self.branches.append(LowRankBranch(result.left, result.right))
         return result.errors
+
+    @torch.no_grad()
+    def split_low_rank(self, rank: int) -> float:
+        """SVDQuant's split: W = L·R + E with L·R the rank-``rank`` SVD of W kept in full precision as a branch
+        that reads the FP input (after the input transforms), and only the residual E quantized (stored codes).
+        Returns ‖W − (Q(E) + L·R)‖_F."""
+        if not isinstance(self.layer, nn.Linear) or not self.learns_rounding:
+            raise UserError(f"{self.name}: a low-rank branch needs a Linear with a static weight quantizer")
+        if self.frozen_weight:
+            raise UserError(f"{self.name}: its quantized weight is already fixed; split it before that")
+        w, q = self.layer.weight, self.weight_quantizer
+        check_rank(rank, w, f"low-rank branch ({self.name})")
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        left, right = (u[:, :rank] * s[:rank]).to(w.dtype), vh[:rank].to(w.dtype)
+        residual = w - left @ right
+        q.init_from(residual)
+        codes = integer_codes(grouped(residual, q.spec, True), q.scale, q.zero_point, q.spec)
+        self.store_codes(codes)
+        self.branches.append(FloatLowRankBranch(left, right))
+        return (w - self._fake_quantized_weight() - left @ right).norm().item()
 
     def quantized_weight(self) -> torch.Tensor:
         q, w = self.weight_quantizer, self.layer.weight

@@ -4,10 +4,10 @@ A quantized layer computes y = Q_w(W)·Q_a(T(x)) + Σ_b B_b(·) + bias:
 
 - **input transforms** T (``QuantLayer.input_transforms``, applied in order in front of the input quantizer), whose
   inverse is folded into W offline: ``ChannelDivisor`` (x / s per channel, DiTAS's smoothing of an input with
-  nothing linear in front of it); rotations are the next;
+  nothing linear in front of it) and ``Rotation`` (x·Q with Q orthogonal: Hadamard or seeded random);
 - **branches** B (``QuantLayer.branches``), full-precision paths added to the output: ``LowRankBranch`` L·(R·x),
-  reading the quantized input (DiTAS's training-free LoRA) — an SVDQuant-style branch reads the transformed FP input
-  instead (``reads = "fp"``).
+  reading the quantized input (DiTAS's training-free LoRA), and ``FloatLowRankBranch``, SVDQuant's, reading the
+  transformed FP input instead (``reads = "fp"``).
 
 Each piece is a module that owns its state (its buffers, saved under ``input_transforms.<i>.`` / ``branches.<i>.``),
 and is the same object in the fake-quantized layer and in the integer layer (``to_integer`` is a copy): transforms
@@ -18,11 +18,15 @@ fresh layer loads any state of the same configuration — including those saved 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ditquant.errors import UserError
+from ditquant.quant.hadamard import rotation_matrix
 
 
 class InputTransform(nn.Module):
@@ -47,6 +51,41 @@ class ChannelDivisor(InputTransform):
         return x / self.divisor
 
 
+ROTATION_KINDS = ("hadamard", "random")
+
+
+@functools.lru_cache(maxsize=32)
+def _rotation(kind: str, n: int, seed: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return rotation_matrix(kind, n, seed).to(dtype=dtype, device=device)
+
+
+class Rotation(InputTransform):
+    """x·Q with Q an orthogonal n×n matrix (the weight was multiplied by Q: (x·Q)·(W·Q)ᵀ = x·Wᵀ). Only (kind,
+    seed) is state: Q is rebuilt from them (and cached), so a model rotating hundreds of inputs stores no matrix."""
+
+    state_names = ("rotation",)
+
+    def __init__(self, rotation: torch.Tensor):
+        super().__init__()
+        self.register_buffer("rotation", rotation)  # int64 [kind index, seed]
+
+    @classmethod
+    def of(cls, kind: str, seed: int = 0) -> "Rotation":
+        if kind not in ROTATION_KINDS:
+            raise UserError(f"rotation kind must be one of {ROTATION_KINDS}, got {kind!r}")
+        return cls(torch.tensor([ROTATION_KINDS.index(kind), seed]))
+
+    @property
+    def kind(self) -> str:
+        return ROTATION_KINDS[int(self.rotation[0])]
+
+    def matrix(self, n: int, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
+        return _rotation(self.kind, n, int(self.rotation[1]), dtype, str(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix(x.shape[-1], x.dtype, x.device)
+
+
 class Branch(nn.Module):
     """A full-precision path added to the layer's output; ``reads`` the quantized input or the (transformed) FP
     one. Present only while the weight is quantized: the FP model (quantizers off) has no branch."""
@@ -63,25 +102,37 @@ class Branch(nn.Module):
 
 
 class LowRankBranch(Branch):
-    """L·(R·x): ``left`` (out, r), ``right`` (r, in)."""
+    """L·(R·x) on the quantized input (DiTAS): ``left`` (out, r), ``right`` (r, in)."""
 
     state_names = ("left", "right")
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, reads: str = "quantized"):
+    def __init__(self, left: torch.Tensor, right: torch.Tensor):
         super().__init__()
-        self.reads = reads
-        self.register_buffer("left", left)
-        self.register_buffer("right", right)
+        self.register_buffer(self.state_names[0], left)
+        self.register_buffer(self.state_names[1], right)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, self.state_names[0]), getattr(self, self.state_names[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.right), self.left)
+        left, right = self.factors()
+        return F.linear(F.linear(x, right), left)
 
     def dense(self) -> torch.Tensor:
-        return self.left @ self.right
+        left, right = self.factors()
+        return left @ right
+
+
+class FloatLowRankBranch(LowRankBranch):
+    """L·(R·x) on the unquantized (transformed) input (SVDQuant): ``fp_left`` (out, r), ``fp_right`` (r, in)."""
+
+    state_names = ("fp_left", "fp_right")
+    reads = "fp"
 
 
 # Which piece a saved state holds, by the names of its tensors; and the names ditquant 0.1 saved them under.
-_PIECES = {"input_transforms": {("divisor",): ChannelDivisor}, "branches": {("left", "right"): LowRankBranch}}
+_PIECES = {"input_transforms": {("divisor",): ChannelDivisor, ("rotation",): Rotation},
+           "branches": {("left", "right"): LowRankBranch, ("fp_left", "fp_right"): FloatLowRankBranch}}
 _LEGACY = {"input_divisor": "input_transforms.0.divisor", "lora_left": "branches.0.left",
            "lora_right": "branches.0.right"}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class RescalableInput:
     consumer_names: tuple[str, ...]     # their names within the block
     fold: Literal["modulation", "value", "online"]
     rescale: Callable[[torch.Tensor], None]  # divide the input by s and compensate, in place
+    head_dim: Optional[int] = None  # value folds: a rotation folds exactly if it is per head of this size
+    rotate: Optional[Callable[[torch.Tensor], None]] = None  # fold a per-head rotation (value folds), in place
 
     @property
     def exact(self) -> bool:

@@ -53,9 +53,12 @@ class DiTAdapter(Adapter):
         for b, block in enumerate(self.blocks(model)):
             for name, consumers in layout.SMOOTHED_INPUTS.items():
                 role, fold = _INPUTS[name]
+                value = fold == "value"
                 points.append(RescalableInput(
                     block=b, name=name, role=role, consumers=tuple(block.get_submodule(c) for c in consumers),
-                    consumer_names=consumers, fold=fold, rescale=self._rescaler(block, name, fold)))
+                    consumer_names=consumers, fold=fold, rescale=self._rescaler(block, name, fold),
+                    head_dim=block.attn1.inner_dim // block.attn1.heads if value else None,
+                    rotate=(lambda q, block=block: folding.rotate_into_value(block, q)) if value else None))
         return points
 
     @staticmethod
