@@ -95,6 +95,11 @@ def main_(argv=None) -> int:
     args = parser.parse_args(argv)
     sys.argv = ["ditquant"]
     stacks = {k: v for k, v in config_stacks().items() if not args.only or k in args.only}
+    if args.mode == "compare":
+        new = [k for k in stacks if not (args.folder / k / "quantized").is_dir()]
+        for name in new:
+            print(f"{name}: NEW (not in the record; record again to include it)", flush=True)
+        stacks = {k: v for k, v in stacks.items() if k not in new}
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         out = args.folder if args.mode == "record" else scratch / "new"

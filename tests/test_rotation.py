@@ -124,3 +124,12 @@ def test_bad_rank_is_refused_before_any_work():
     with pytest.raises(ValueError, match=r"SVDQuantBranch.rank \(transformer_blocks.0.ff.net.0.proj\): rank must"):
         dq.run_methods(model, None, [dq.SVDQuantBranch(rank=64)])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("n", [8, 12, 72, 1152])
+def test_the_fast_hadamard_transform_equals_the_matrix(n):
+    from ditquant.quant.hadamard import fast_hadamard, hadamard_factors
+
+    x = torch.randn(3, 5, n, dtype=torch.float64)
+    assert torch.allclose(fast_hadamard(x, *hadamard_factors(n)), x @ hadamard(n), atol=1e-12)
+    assert torch.allclose(Rotation.of("hadamard")(x), x @ hadamard(n), atol=1e-12)

@@ -65,12 +65,34 @@ def _sylvester(n: int) -> torch.Tensor:
 def hadamard(n: int) -> torch.Tensor:
     """An orthonormal Hadamard-type matrix of order n (float64): H_{2^k} ⊗ H_m / √n; a clear error when no
     construction here covers n."""
+    power, base = hadamard_factors(n)
+    return torch.kron(_sylvester(power), base) / n ** 0.5
+
+
+def fast_hadamard(x: torch.Tensor, power: int, base: torch.Tensor) -> torch.Tensor:
+    """x·(H_power ⊗ base)/√n along the last dimension without the n×n matrix: the m×m ``base`` as a matmul, then
+    a fast Walsh–Hadamard transform over the 2^k blocks (log2(2^k) butterfly passes): O(n·(m + log n)) per row
+    instead of O(n²)."""
+    m = base.shape[0]
+    n = power * m
+    y = (x.reshape(*x.shape[:-1], power, m) @ base.to(x.dtype)) if m > 1 else x.reshape(*x.shape[:-1], power, 1)
+    h = 1
+    while h < power:  # Sylvester order: index i = (high bit)·h + rest at every doubling
+        y = y.reshape(*x.shape[:-1], power // (2 * h), 2, h, m)
+        a, b = y[..., 0, :, :], y[..., 1, :, :]
+        y = torch.stack((a + b, a - b), dim=-3)
+        h *= 2
+    return y.reshape(x.shape) / n ** 0.5
+
+
+def hadamard_factors(n: int) -> tuple[int, torch.Tensor]:
+    """(2^k, H_m) with 2^k·m = n and H_m a Hadamard matrix (±1, float64); the largest power of two that works."""
     two = n & -n  # the largest power of two dividing n
     for power in [two >> s for s in range(two.bit_length())]:
         m = n // power
         base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else _paley(m)
         if base is not None:
-            return torch.kron(_sylvester(power), base) / n ** 0.5
+            return power, base
     raise UserError(f"no Hadamard matrix of order {n} is known here (orders 2^k · m with m = 1 or a Paley order: "
                     "q + 1 for a prime q ≡ 3 mod 4, 2(q + 1) for a prime q ≡ 1 mod 4); use kind 'random'")
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ditquant.errors import UserError
-from ditquant.quant.hadamard import rotation_matrix
+from ditquant.quant.hadamard import fast_hadamard, hadamard_factors, rotation_matrix
 
 
 class InputTransform(nn.Module):
@@ -83,7 +83,16 @@ class Rotation(InputTransform):
         return _rotation(self.kind, n, int(self.rotation[1]), dtype, str(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "hadamard":  # the fast transform: no n×n matmul
+            power, base = _hadamard_factors(x.shape[-1], x.dtype, str(x.device))
+            return fast_hadamard(x, power, base)
         return x @ self.matrix(x.shape[-1], x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_factors(n: int, dtype: torch.dtype, device: str) -> tuple[int, torch.Tensor]:
+    power, base = hadamard_factors(n)
+    return power, base.to(dtype=dtype, device=device)
 
 
 class Branch(nn.Module):
