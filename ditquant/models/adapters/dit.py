@@ -68,7 +68,3 @@ class DiTAdapter(Adapter):
         if fold == "value":
             return lambda s: folding.fold_into_value(block, s)
         return lambda s: folding.divide_online(block.get_submodule(layout.SMOOTHED_INPUTS[name][0]), s)
-
-    def check_foldable(self, model: nn.Module) -> None:
-        """Every block has the adaLN-Zero linear the modulation folds need (checked before any work)."""
-        folding.require_modulation(model)
