@@ -17,8 +17,8 @@ from ditquant.diffusion.samplers import SamplerConfig, sample  # noqa: E402
 from ditquant.errors import Interrupted, UserError  # noqa: E402
 from ditquant.evaluation.sampling import EvaluationConfig, seeded_noise, step_generators, to_uint8  # noqa: E402
 from ditquant.methods import (GPTQ, METHODS, GranularitySearch, InputRotation, LowRankCompensation,  # noqa: E402
-                              Method, MethodContext, SalienceBalancing, SVDQuantBranch, TemporalSmoothing, check_order,
-                              register, run_methods)
+                              Method, MethodContext, MixedPrecision, SalienceBalancing, SVDQuantBranch,
+                              TemporalSmoothing, check_order, register, run_methods)
 from ditquant.integer.agreement import block_sqnr, sqnr_db  # noqa: E402
 from ditquant.integer.convert import to_integer  # noqa: E402
 from ditquant.export.integer import load_integer, save_integer  # noqa: E402
@@ -36,6 +36,7 @@ from ditquant.reconstruction.reconstructor import BlockReconstructor  # noqa: E4
 __all__ = ["balance", "calibrate", "calibration_set", "generate", "gptq", "load", "low_rank", "quantize",
            "reconstruct", "sample_set_fid", "search_group_sizes", "smooth", "SVDQuantBranch", "GPTQ", "METHODS",
            "GranularitySearch", "InputRotation", "LowRankCompensation", "Method", "MethodCallback", "MethodContext",
+           "MixedPrecision",
            "SalienceBalancing", "TemporalSmoothing", "check_order", "register", "run_methods", "Adapter",
            "DiTAdapter", "RescalableInput", "adapter_for", "sample", "CalibrationRecipe", "CalibrationSet",
            "collate_pairs", "record_calibration_set", "SamplerConfig", "Interrupted", "UserError",

@@ -18,7 +18,7 @@ from ditquant.calibration.observe import observe_activation_ranges
 from ditquant.errors import UserError
 from ditquant.evaluation.sample_fid import sample_set_scorer
 from ditquant.evaluation.sampling import write_json
-from ditquant.export.calibrated import save_quantized
+from ditquant.export.calibrated import SEARCHED_LAYOUT, save_quantized
 from ditquant.io import check_writable_dir, remove_stale_temporaries
 from ditquant.methods.base import Method, MethodContext, run_method
 from ditquant.quant.apply import uncalibrated_layers, weight_sqnr_db
@@ -135,7 +135,8 @@ class FitLoop:
             batches=data.calibration_loader if data is not None else None,
             batch_size=data.batch_size if data is not None else 32, quant=self.quant,
             reconstruction=self.reconstruction,
-            set_quant=lambda quant: self.set_layer_group_sizes(quant.layer_group_sizes),
+            set_quant=lambda quant: self.set_searched_layout(
+                {f: getattr(quant, f) for f in SEARCHED_LAYOUT}),
             scorer=sample_set_scorer(self.dit_config, self.dit_source, self.sampler, self.evaluation.fid_features,
                                      self.vae, self.latent_scale, features_option="model.evaluation.fid_features"),
             output_dir=Path(self.trainer.default_root_dir) if attached else Path("."),

@@ -21,14 +21,14 @@ from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
 from ditquant.eval_loop import EvalLoop
 from ditquant.evaluation.sampling import EvaluationConfig, SampleEvaluator
-from ditquant.export.calibrated import load_quantized, saved_layer_group_sizes
+from ditquant.export.calibrated import SEARCHED_LAYOUT, load_quantized, saved_searched_layout
 from ditquant.export.integer import load_integer as load_integer_model
 from ditquant.fit_loop import FitLoop
 from ditquant.io import InputPath, check_same, yaml_plain
 from ditquant.models.adapters import quantize_model
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
-from ditquant.quant.apply import apply_group_sizes, quantization_table, unwrapped
+from ditquant.quant.apply import apply_plan, quantization_table, unwrapped
 from ditquant.quant.config import QuantConfig
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor
@@ -103,8 +103,8 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         if self.load_integer is not None:  # the exported model samples; the transformer stays FP, as the reference
             self._set_integer_transformer(load_integer_model(self.load_integer, self.quant, self.dit_config))
         elif self.quant is not None:
-            if self.load_quantized is not None and not self.quant.layer_group_sizes:  # a searched layout
-                self.quant = replace(self.quant, layer_group_sizes=saved_layer_group_sizes(self.load_quantized))
+            if self.load_quantized is not None and not any(getattr(self.quant, f) for f in SEARCHED_LAYOUT):
+                self.quant = replace(self.quant, **saved_searched_layout(self.load_quantized))
             try:
                 quantize_model(self.transformer, self.quant)
             except UserError as e:  # name the option as the user wrote it
@@ -134,10 +134,11 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
     def configure_optimizers(self):
         return None  # the reconstructor owns one optimizer per stage (its state is in the checkpoint)
 
-    def set_layer_group_sizes(self, sizes: dict[str, int]) -> None:
-        """Adopt per-layer group sizes (a granularity search's result): the config and the model's quantizers."""
-        self.quant = replace(self.quant, layer_group_sizes=dict(sizes))
-        apply_group_sizes(self.transformer, self.quant)
+    def set_searched_layout(self, layout: dict[str, dict]) -> None:
+        """Adopt a searched per-layer layout (``SEARCHED_LAYOUT`` fields: group sizes, activation bits), in the
+        config and in the model's quantizers."""
+        self.quant = replace(self.quant, **{f: dict(v) for f, v in layout.items()})
+        apply_plan(self.transformer, self.quant)
 
     # ---- checkpoints: what they were made with, how far they got ----
 
@@ -145,7 +146,7 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         """What a checkpoint was made with (every option that changes its numbers) and how far it got."""
         dit = dataclasses.asdict(self.dit_source)
         model = {"dit": {k: v for k, v in dit.items() if k not in ("source", "vae")},  # paths may move
-                 "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k != "layer_group_sizes"}
+                 "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k not in SEARCHED_LAYOUT}
                  if self.quant is not None else None,
                  "reconstruction": dataclasses.asdict(self.reconstruction) if self.reconstruction else None,
                  "sampler": dataclasses.asdict(self.sampler)}  # the calibration set is recorded with it
@@ -156,8 +157,9 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         return yaml_plain(header)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.quant is not None and self.quant.layer_group_sizes:
-            checkpoint["layer_group_sizes"] = dict(self.quant.layer_group_sizes)
+        for field in SEARCHED_LAYOUT:
+            if self.quant is not None and getattr(self.quant, field):
+                checkpoint[field] = dict(getattr(self.quant, field))
         if self.reconstructor is not None:
             checkpoint["reconstruction"] = self.reconstructor.state_dict()
         elif self._resume_state is not None:
@@ -192,10 +194,11 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
                                 "with --model.allow_partial true (its outputs are then labelled partial)")
             self._partial = progress
         self._fit_seconds_before = float(info.get("fit_seconds") or 0.0)
-        saved = checkpoint.get("layer_group_sizes") or {}
-        if self.quant is not None and saved != self.quant.layer_group_sizes:
-            if self.quant.layer_group_sizes:
-                raise UserError("model.quant.layer_group_sizes differ from the ones the checkpoint was made with; "
-                                "drop them from the config (the checkpoint knows its own) or start a new fit")
-            self.set_layer_group_sizes(saved)
+        for field in SEARCHED_LAYOUT:
+            saved = checkpoint.get(field) or {}
+            if self.quant is not None and saved != getattr(self.quant, field):
+                if getattr(self.quant, field):
+                    raise UserError(f"model.quant.{field} differ from the ones the checkpoint was made with; drop "
+                                    "them from the config (the checkpoint knows its own) or start a new fit")
+                self.set_searched_layout({field: saved})
         self._resume_state = checkpoint.get("reconstruction")

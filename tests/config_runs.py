@@ -16,7 +16,8 @@ TINY_SEARCH = {"budget_group_size": 64, "population": 4, "top_k": 2, "mutations"
                "generations": 2, "num_samples": 8, "batch_size": 8,
                "sampler": {"kind": "ddim", "num_steps": 5, "cfg_scale": 1.0}}
 BASE = {"ditas": "configs/ditas_w4a8.yaml", "ptq4dit": "configs/ptq4dit_w4a8.yaml", "qdit": "configs/qdit_w4a8.yaml",
-        "qdiff": "configs/qdiff_w4a8.yaml", "rotated": "configs/rotated_w4a4.yaml"}
+        "qdiff": "configs/qdiff_w4a8.yaml", "rotated": "configs/rotated_w4a4.yaml",
+        "rtn": "configs/rtn_w4a4.yaml"}
 
 
 def config_stacks() -> dict[str, list[str]]:

@@ -10,7 +10,7 @@ from ditquant.methods.gptq import HessianAccumulator, gptq_quantize
 from ditquant.methods.granularity import (EvolutionarySearch, EvolutionSettings, cost, gene_key, search_genes)
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.adapters import quantize_model
-from ditquant.quant.apply import apply_group_sizes
+from ditquant.quant.apply import apply_plan
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import quant_layers
 from ditquant.quant.quantizer import quantize_tensor
@@ -114,7 +114,7 @@ def test_layer_group_sizes_apply_to_a_layer_and_its_input():
     for name, g in sizes.items():
         assert layers[name].weight_quantizer.spec.group_size == g == layers[name].input_quantizer.spec.group_size
     assert layers["transformer_blocks.0.ff.net.0.proj"].weight_quantizer.spec.group_size == 16
-    changed = apply_group_sizes(model, group_config(16))  # back to one size: only the two layers change
+    changed = apply_plan(model, group_config(16))  # back to one size: only the two layers change
     assert sorted(changed) == sorted(sizes)
     assert layers["transformer_blocks.0.ff.net.2"].weight_quantizer.scale.shape == (32, 8, 1)
     with pytest.raises(ValueError, match="not quantized layers of this model"):

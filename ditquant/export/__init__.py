@@ -9,8 +9,8 @@ Both describe what they were made with in a YAML header and refuse, naming the d
 command configured otherwise (``ditquant.io.check_same``); both are committed by a checksummed manifest.
 """
 
-from ditquant.export.calibrated import load_quantized, save_quantized, saved_layer_group_sizes
+from ditquant.export.calibrated import load_quantized, save_quantized, saved_searched_layout
 from ditquant.export.integer import load_integer, read_integer_meta, save_integer
 
 __all__ = ["load_integer", "load_quantized", "read_integer_meta", "save_integer", "save_quantized",
-           "saved_layer_group_sizes"]
+           "saved_searched_layout"]

@@ -42,13 +42,18 @@ def save_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
     return folder
 
 
-def saved_layer_group_sizes(folder: str | Path) -> dict[str, int]:
-    """The per-layer group sizes (a granularity search's result) a saved model was made with; {} if none."""
+SEARCHED_LAYOUT = ("layer_group_sizes", "layer_activation_bits")  # QuantConfig fields a method's search writes
+
+
+def saved_searched_layout(folder: str | Path) -> dict[str, dict]:
+    """The searched per-layer layout (``SEARCHED_LAYOUT`` fields: the granularity and mixed-precision searches'
+    results) a saved model was made with; empty if none."""
     meta_path = Path(folder) / META
     if not meta_path.is_file():
         return {}  # load_quantized reports the missing file
     quant = (yaml.safe_load(meta_path.read_text()) or {}).get("quant")
-    return quant_config_from_dict(quant).layer_group_sizes if quant else {}
+    config = quant_config_from_dict(quant) if quant else None
+    return {f: getattr(config, f) for f in SEARCHED_LAYOUT if config is not None and getattr(config, f)}
 
 
 def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> None:

@@ -69,6 +69,8 @@ def to_integer_layer(q: QuantLayer) -> IntLinear:
         out.bias = q.layer.bias.detach().clone().float()
     if aq.scale is not None:
         out.input_scale, out.input_zero = aq.scale.detach().clone(), aq.zero_point.clone()
+        if aq.timestep_edges is not None:
+            out.input_timestep_edges = aq.timestep_edges.clone()
     for transform in q.input_transforms:
         out.input_transforms.append(transform.to_integer())
     for branch in q.branches:

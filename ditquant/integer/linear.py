@@ -30,9 +30,10 @@ from ditquant.quant.affine import qparams_from_range
 from ditquant.quant.pieces import prepare_pieces
 from ditquant.quant.quantizer import grouped
 from ditquant.quant.spec import QuantSpec
+from ditquant.quant.timesteps import current_rows, group_of
 
 INT8_SHIFT = 128  # unsigned 8-bit codes 0..255 -> int8 -128..127
-OPTIONAL_BUFFERS = ("weight_offset", "bias", "input_scale", "input_zero")
+OPTIONAL_BUFFERS = ("weight_offset", "bias", "input_scale", "input_zero", "input_timestep_edges")
 
 
 def code_shift(spec: QuantSpec) -> int:
@@ -58,7 +59,8 @@ class IntLinear(nn.Module):
 
     Buffers: ``weight`` (int8 (out, in), or uint8 (out, in/2) packed for ≤ 4 bits), ``weight_scale`` (out, groups),
     ``weight_zero`` (int8 zero points subtracted after unpacking int4), ``weight_offset`` (asymmetric 8-bit weights:
-    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point),
+    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point; one per timestep
+    group, with the ``input_timestep_edges`` between the groups, for timestep-aware ranges),
     ``bias``; and the fake-quantized layer's pieces (``ditquant.quant.pieces``), run in floating point:
     ``input_transforms`` before quantization and ``branches`` added to the output.
     """
@@ -124,13 +126,18 @@ class IntLinear(nn.Module):
         g = grouped(x, spec, False)
         if spec.dynamic:
             scale, zero = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
+        elif self.input_timestep_edges is not None:  # one static range per timestep group: per sample
+            g = x.reshape(x.shape[0], -1)
+            group = group_of(current_rows(x.shape[0]).to(x.device), self.input_timestep_edges)
+            scale, zero = self.input_scale[group], self.input_zero[group]
         else:
             scale, zero = self.input_scale, self.input_zero
         codes = torch.div(g, scale).round_().add_(zero - shift).clamp_(spec.qmin - shift, spec.qmax - shift)
         codes = codes.to(torch.int8).reshape(-1, self.in_features)
         groups = scale_groups(spec, self.in_features)
         scale, zero = scale.reshape(-1, groups), (zero - shift).reshape(-1, groups)
-        if spec.granularity == "sample" and scale.shape[0] > 1:  # one range per sample -> per token
+        if (spec.granularity == "sample" or self.input_timestep_edges is not None) and scale.shape[0] > 1:
+            # one range per sample -> per token
             tokens = codes.shape[0] // scale.shape[0]
             scale, zero = scale.repeat_interleave(tokens, 0), zero.repeat_interleave(tokens, 0)
         return codes, scale, zero
@@ -181,7 +188,7 @@ class IntLinear(nn.Module):
         constants = {"w_scale": w_scale, "sums": w_scale * sums, "offset": None, "c": None, "d": None}
         if self.weight_offset is not None:
             constants["offset"] = w_scale * self._blockwise(self.weight_offset, blocks)
-        if self.input_scale is not None and self.input_spec.granularity == "tensor":
+        if self.input_scale is not None and self.input_spec.granularity == "tensor" and self.input_scale.numel() == 1:
             shift = code_shift(self.input_spec)
             scale, zero = self.input_scale.reshape(()), self.input_zero.reshape(()) - shift
             constants["c"] = scale * w_scale

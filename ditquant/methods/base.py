@@ -8,7 +8,8 @@ runs any registered method named in a ``ditquant.MethodCallback`` (or given by i
 What a method changes is declared (``changes``), so that a list of methods is checked before any work:
 
 - ``fp_weights``: rewrites the FP weights with the function unchanged (an exact fold: balancing, smoothing);
-- ``group_sizes``: chooses the quantizers' layout (Q-DiT's group-size search);
+- ``group_sizes`` / ``bit_widths``: chooses the quantizers' layout (Q-DiT's group-size search, the mixed-precision
+  search);
 - ``quantized_weights``: fixes the quantized weights (GPTQ, low-rank compensation). Nothing may change the FP
   weights or the layout after it, and two methods may not both fix them.
 
@@ -30,7 +31,7 @@ from ditquant.calibration.dataset import calibration_batches
 from ditquant.errors import UserError
 from ditquant.quant.modules import quant_disabled
 
-CHANGES = ("fp_weights", "group_sizes", "quantized_weights")
+CHANGES = ("fp_weights", "group_sizes", "bit_widths", "quantized_weights")
 Batches = Callable[[], Iterable[dict]]
 
 
@@ -43,7 +44,8 @@ class MethodContext:
         batch_size: the run's calibration batch size (``data.batch_size``).
         quant: the model's QuantConfig (None: unknown, e.g. a model quantized by hand).
         reconstruction: the run's ReconstructionConfig, if it reconstructs after the methods.
-        set_quant: adopt a changed QuantConfig (a searched layout), so the run saves and records it.
+        set_quant: adopt a changed QuantConfig (a searched layout: ``layer_group_sizes``,
+            ``layer_activation_bits``), so the run saves and records it.
         scorer: builds a model-quality score from a method's options (``sample_set_fid(**options) -> score(model)``,
             lower is better), for methods that search; provided by the caller, who knows the model's family.
         output_dir: where a method writes files of its own (the run's folder).
@@ -127,7 +129,7 @@ def check_order(methods: Sequence[Method], where: Callable[[int], str] = lambda 
             first = f"{where(fixed)} ({methods[fixed].name})"
             if "quantized_weights" in m.changes:
                 raise UserError(f"{where(i)} ({m.name}) and {first} both fix the quantized weights: use one")
-            if late := sorted(set(m.changes) & {"fp_weights", "group_sizes"}):
+            if late := sorted(set(m.changes) & {"fp_weights", "group_sizes", "bit_widths"}):
                 raise UserError(f"{where(i)} ({m.name}) changes the {late[0].replace('_', ' ')}, but {first} has "
                                 f"already fixed the quantized weights: list {m.name} first")
         if "quantized_weights" in m.changes:

@@ -38,7 +38,7 @@ from ditquant.diffusion.samplers import SamplerConfig
 from ditquant.errors import UserError
 from ditquant.io import atomic_write
 from ditquant.methods.base import Method, MethodContext, register
-from ditquant.quant.apply import apply_group_sizes
+from ditquant.quant.apply import apply_plan
 from ditquant.quant.modules import quant_layers
 
 log = logging.getLogger(__name__)
@@ -243,12 +243,12 @@ def search_group_sizes(model: nn.Module, quant, search: EvolutionarySearch, fitn
     candidate's group sizes applied; ``on_generation`` sees the search after every generation but the last (to save
     it). Leaves the model with ``quant``'s own sizes and returns the best layer -> group size."""
     def score(genome: Genome) -> float:
-        apply_group_sizes(model, replace(quant, layer_group_sizes=layer_group_sizes(genome, search.genes)))
+        apply_plan(model, replace(quant, layer_group_sizes=layer_group_sizes(genome, search.genes)))
         return fitness(model)
 
     while not search.finished:
         search.step(score)
-        apply_group_sizes(model, quant)  # the configured sizes again: a saved model matches the config
+        apply_plan(model, quant)  # the configured sizes again: a saved model matches the config
         log.info("granularity search: generation %d, best FID %.3f", search.generation - 1, search.scores[search.best])
         if not search.finished:
             on_generation(search)
@@ -362,7 +362,7 @@ class GranularitySearch(Method):
 
         sizes = search_group_sizes(model, quant, search, self._fitness(ctx), save)
         best = replace(quant, layer_group_sizes=sizes)
-        apply_group_sizes(model, best)
+        apply_plan(model, best)
         if ctx.set_quant is not None:
             ctx.set_quant(best)
         out = Path(self.output or Path(ctx.output_dir) / "group_sizes.yaml")

@@ -88,9 +88,10 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
-    """Give the QuantLayers of ``model`` the group sizes of ``config`` (the same config otherwise): layers whose
-    specs change get fresh quantizers, weights round-to-nearest. Returns the names of the changed layers."""
+def apply_plan(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Give the QuantLayers of ``model`` the specs ``config`` plans for them (a searched layout: other group sizes or
+    bit widths, the same config otherwise): layers whose specs change get fresh quantizers, weights
+    round-to-nearest. Returns the names of the changed layers."""
     changed = []
     layers = list(quant_layers(model))
     plan = resolve_plan(config, {q.name: q.role for q in layers})
@@ -99,8 +100,8 @@ def apply_group_sizes(model: nn.Module, config: QuantConfig) -> list[str]:
         if (weight_spec, input_spec) == (q.weight_quantizer.spec, q.input_quantizer.spec):
             continue
         if q.frozen_weight:
-            raise UserError(f"{q.name}: its weight is already fixed (codes or low-rank branch); group sizes must "
-                            "be chosen before GPTQ, LoRA or reconstruction")
+            raise UserError(f"{q.name}: its weight is already fixed (codes or low-rank branch); group sizes and bit "
+                            "widths must be chosen before GPTQ, LoRA or reconstruction")
         q.set_specs(weight_spec, input_spec)
         changed.append(q.name)
     return changed

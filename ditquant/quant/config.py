@@ -48,6 +48,8 @@ class QuantConfig:
         layer_group_sizes: per-layer group size (layer name -> g) replacing ``group_size`` in that layer's weight
             and input specs where they are group-wise (Q-DiT: a layer and its input share g). Written by the
             granularity search (method ``granularity_search``) as a config a later fit loads.
+        layer_activation_bits: per-layer input bit width (layer name -> bits) replacing the activation spec's
+            ``bits`` in that layer. Written by the mixed-precision search (method ``mixed_precision``).
     """
 
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False, granularity="channel"))
@@ -56,6 +58,7 @@ class QuantConfig:
     overrides: list[LayerOverride] = field(default_factory=list)
     attention: Optional[QuantSpec] = None
     layer_group_sizes: dict[str, int] = field(default_factory=dict)
+    layer_activation_bits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         for where, roles in [("quant.roles", self.roles)] + [("quant.overrides.roles", o.roles) for o in self.overrides]:
@@ -68,12 +71,24 @@ class QuantConfig:
             raise UserError(f"quant.activation.granularity {self.activation.granularity!r} is for weights; use "
                             "'tensor', 'token', 'sample' or 'group'")
 
+        weights = [("quant.weight", self.weight)] + [(f"quant.overrides[{i}].weight", o.weight)
+                                                     for i, o in enumerate(self.overrides) if o.weight is not None]
+        for where, spec in weights + [("quant.attention", self.attention)]:
+            if spec is not None and spec.timestep_groups > 1:
+                raise UserError(f"{where}.timestep_groups: per-timestep ranges are for layer inputs (quant.activation "
+                                "or an override's activation), not for weights or attention operands")
+
         bad = {name: g for name, g in self.layer_group_sizes.items() if not isinstance(g, int) or g < 1}
         if bad:
             raise UserError(f"quant.layer_group_sizes: group sizes must be positive integers, got {bad}")
+        bad = {name: b for name, b in self.layer_activation_bits.items()
+               if not isinstance(b, int) or not (2 <= b <= 8 or b == 16)}
+        if bad:
+            raise UserError(f"quant.layer_activation_bits: bit widths must be 2–8 or 16, got {bad}")
 
     def specs_for(self, role: str, name: str = "") -> tuple[QuantSpec, QuantSpec]:
-        """The weight and input specs of the layer ``name`` of ``role`` (overrides, then per-layer group sizes)."""
+        """The weight and input specs of the layer ``name`` of ``role`` (overrides, then per-layer group sizes and
+        activation bits)."""
         weight, activation = self.weight, self.activation
         for o in self.overrides:
             if o.applies(role, name):
@@ -83,6 +98,9 @@ class QuantConfig:
         if g is not None:
             weight, activation = (replace(s, group_size=g) if s.granularity == "group" else s
                                   for s in (weight, activation))
+        bits = self.layer_activation_bits.get(name)
+        if bits is not None:
+            activation = replace(activation, bits=bits)
         return weight, activation
 
     def label(self) -> str:
@@ -97,4 +115,5 @@ def quant_config_from_dict(d: dict) -> QuantConfig:
                                                 weight=spec(o.get("weight")),
                                                 activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
                        attention=spec(d.get("attention")),
-                       layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()})
+                       layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()},
+                       layer_activation_bits={k: int(v) for k, v in (d.get("layer_activation_bits") or {}).items()})

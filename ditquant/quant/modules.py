@@ -18,7 +18,7 @@ from ditquant.quant.quantizer import UniformQuantizer, grouped, quantize_tensor,
 from ditquant.quant.spec import QuantSpec
 
 
-def _scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tuple[int, ...]:
+def scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tuple[int, ...]:
     fan_in = weight[0].numel() if is_weight else weight.shape[1]
     if spec.granularity == "channel":
         return (weight.shape[0], 1)
@@ -30,7 +30,7 @@ def _scale_shape(spec: QuantSpec, weight: torch.Tensor, is_weight: bool) -> tupl
         if fan_in % spec.group_size:
             raise UserError(f"group size {spec.group_size} does not divide in_features={fan_in}")
         return ((weight.shape[0], fan_in // spec.group_size, 1) if is_weight else (fan_in // spec.group_size, 1))
-    return (1, 1)
+    return (1, 1) if is_weight else (spec.timestep_groups, 1)
 
 
 class QuantLayer(nn.Module):
@@ -61,8 +61,8 @@ class QuantLayer(nn.Module):
 
     def _make_quantizers(self, weight_spec: QuantSpec, input_spec: QuantSpec) -> None:
         w = self.layer.weight
-        self.weight_quantizer = UniformQuantizer(weight_spec, True, _scale_shape(weight_spec, w, True)).to(w.device)
-        self.input_quantizer = UniformQuantizer(input_spec, False, _scale_shape(input_spec, w, False)).to(w.device)
+        self.weight_quantizer = UniformQuantizer(weight_spec, True, scale_shape(weight_spec, w, True)).to(w.device)
+        self.input_quantizer = UniformQuantizer(input_spec, False, scale_shape(input_spec, w, False)).to(w.device)
 
     @torch.no_grad()
     def set_specs(self, weight_spec: QuantSpec, input_spec: QuantSpec) -> None:

@@ -2,7 +2,8 @@
 
 Every layer's specs come from here: the default specs, then each override naming its role or matching its name (in
 order), then its own group size from ``layer_group_sizes`` (a granularity search's result: a per-layer override of
-``group_size`` wherever a spec is group-wise). A calibrated model is saved with its plan, and loading compares plans
+``group_size`` wherever a spec is group-wise) and its own input bit width from ``layer_activation_bits`` (a
+mixed-precision search's result). A calibrated model is saved with its plan, and loading compares plans
 layer by layer — what the layers are, not how the config that made them was written.
 """
 
@@ -34,10 +35,11 @@ def resolve_plan(config: QuantConfig, layers: dict[str, str]) -> dict[str, Layer
             if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
                 raise UserError(f"quant.overrides[{i}].layers: {pattern!r} matches no quantized layer of this model "
                                 f"(e.g. {', '.join(list(layers)[:3])})")
-    unknown = sorted(set(config.layer_group_sizes) - set(layers))
-    if unknown:
-        raise UserError(f"quant.layer_group_sizes: {len(unknown)} name(s) are not quantized layers of this model, "
-                        f"e.g. {unknown[:3]} (quantized: {len(layers)} layers of roles {sorted(set(layers.values()))})")
+    for option in ("layer_group_sizes", "layer_activation_bits"):
+        unknown = sorted(set(getattr(config, option)) - set(layers))
+        if unknown:
+            raise UserError(f"quant.{option}: {len(unknown)} name(s) are not quantized layers of this model, e.g. "
+                            f"{unknown[:3]} (quantized: {len(layers)} layers of roles {sorted(set(layers.values()))})")
     plan = {}
     for name, role in layers.items():
         if name in config.layer_group_sizes and all(s.granularity != "group" for s in config.specs_for(role)):

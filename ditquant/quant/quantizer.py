@@ -15,6 +15,7 @@ from ditquant.errors import UserError
 from ditquant.quant.affine import fake_quantize, qparams_from_range
 from ditquant.quant.observers import search_range
 from ditquant.quant.spec import QuantSpec
+from ditquant.quant.timesteps import current_rows, group_edges, group_of
 
 SAMPLES_PER_BATCH = 1 << 16  # values kept per row and observed batch (percentile / mse activation init)
 MAX_SAMPLES = 1 << 20  # values kept per row in all
@@ -67,7 +68,9 @@ class UniformQuantizer(nn.Module):
 
     Static quantizers observe min–max ranges while ``observing`` is on (activations, over calibration batches)
     or from ``init_from(weight)`` (weights); the scale is an ``nn.Parameter`` so reconstruction can learn it.
-    Dynamic quantizers hold no parameters and compute ranges from every input.
+    Dynamic quantizers hold no parameters and compute ranges from every input. With ``spec.timestep_groups`` = K > 1
+    a static activation quantizer holds K ranges (scale (K, 1)) and the ``timestep_edges`` between its groups;
+    observation keeps one range per distinct calibration timestep and groups them at the end.
     """
 
     def __init__(self, spec: QuantSpec, is_weight: bool, scale_shape: tuple[int, ...] = (1, 1)):
@@ -82,6 +85,9 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(scale_shape) if static else None)
         self.register_buffer("range_min", torch.full(scale_shape, float("inf")) if static else None)
         self.register_buffer("range_max", torch.full(scale_shape, float("-inf")) if static else None)
+        groups = spec.timestep_groups if static and not is_weight else 1
+        self.register_buffer("timestep_edges", torch.full((groups - 1,), float("inf")) if groups > 1 else None)
+        self._per_timestep: dict[float, list[torch.Tensor]] = {}  # timestep -> observed [lo, hi, sample...] rows
         # Observed values for percentile / mse activation ranges: transient, bounded, seeded.
         self._samples: list[torch.Tensor] = []
         self._sampler = torch.Generator().manual_seed(0)
@@ -93,6 +99,8 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Accumulate the range of an activation batch; non-minmax inits also keep a bounded sample of values."""
+        if self.timestep_edges is not None:
+            return self._observe_per_timestep(x)
         g = grouped(x, self.spec, self.is_weight)
         if not self.is_weight and self.spec.granularity == "group":  # one range per group, over all tokens
             g = g.reshape(-1, *g.shape[-2:]).transpose(0, 1).reshape(g.shape[-2], -1)
@@ -104,9 +112,40 @@ class UniformQuantizer(nn.Module):
             keep = torch.randperm(g.shape[-1], generator=self._sampler)[:SAMPLES_PER_BATCH].to(g.device)
             self._samples.append(torch.cat([lo, hi, g.index_select(-1, keep)], dim=-1))
 
+    def _observe_per_timestep(self, x: torch.Tensor) -> None:
+        rows = x.reshape(x.shape[0], -1)
+        t = current_rows(rows.shape[0])
+        for value in torch.unique(t).tolist():
+            g = rows[t == value].reshape(1, -1)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            kept = [lo, hi]
+            if self.spec.init != "minmax":
+                kept.append(g.index_select(-1, torch.randperm(g.shape[-1], generator=self._sampler)[
+                    :SAMPLES_PER_BATCH].to(g.device)))
+            self._per_timestep.setdefault(float(value), []).append(torch.cat(kept, dim=-1))
+
+    @torch.no_grad()
+    def _finish_per_timestep(self) -> None:
+        """Group the observed timesteps (``ditquant.quant.timesteps.group_edges``); one range per group."""
+        members, edges = group_edges(torch.tensor(list(self._per_timestep)), self.timestep_edges.numel() + 1)
+        for k, group in enumerate(members):
+            samples = torch.cat([s for value in group.tolist() for s in self._per_timestep[value]], dim=-1)
+            if self.spec.init == "minmax":
+                lo, hi = samples.amin(-1, keepdim=True), samples.amax(-1, keepdim=True)
+            else:
+                if samples.shape[-1] > MAX_SAMPLES:
+                    samples = samples[..., torch.randperm(samples.shape[-1], generator=self._sampler)[:MAX_SAMPLES]]
+                lo, hi = search_range(samples.float(), self.spec)
+            self.range_min[k], self.range_max[k] = lo.reshape(-1), hi.reshape(-1)
+        self._per_timestep.clear()
+        self.timestep_edges.copy_(edges)
+        self._set_qparams(self.range_min, self.range_max)
+
     @torch.no_grad()
     def finish_observing(self) -> None:
         """Turn the observed sample into the final range (percentile / mse); minmax is already final."""
+        if self._per_timestep:
+            return self._finish_per_timestep()
         if not self._samples:
             return
         samples = torch.cat(self._samples, dim=-1)
@@ -146,6 +185,10 @@ class UniformQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise RuntimeError("static quantizer used before calibration: run calibration (ditquant fit) first")
+        if self.timestep_edges is not None:  # each row with its timestep group's range
+            group = group_of(current_rows(x.shape[0]).to(x.device), self.timestep_edges)
+            rows = x.reshape(x.shape[0], -1)
+            return fake_quantize(rows, self.scale[group], self.zero_point[group], self.spec).reshape(x.shape)
         return quantize_tensor(x, self.spec, self.is_weight, self.scale, self.zero_point)
 
     def extra_repr(self) -> str:

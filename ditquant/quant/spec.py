@@ -32,6 +32,10 @@ class QuantSpec:
             (BRECQ / Q-Diffusion's clipping search minimising the L_p error). See ``ditquant.quant.observers``.
         percentile: p for ``init: percentile``.
         lp: the norm of the ``mse`` search (2.4 in BRECQ and Q-Diffusion).
+        timestep_groups: static activation ranges per group of timesteps (per-tensor only): the calibration set's
+            timesteps, sorted, are split into this many contiguous groups of equal count, each group gets its own
+            range, and every sample is quantized with the range of its timestep's group
+            (``ditquant.quant.timesteps``). 1: one range for the whole trajectory.
     """
 
     bits: int = 8
@@ -42,6 +46,7 @@ class QuantSpec:
     init: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 0.9999
     lp: float = 2.4
+    timestep_groups: int = 1
 
     def __post_init__(self):
         if not (2 <= self.bits <= 8 or self.bits == 16):
@@ -62,6 +67,12 @@ class QuantSpec:
             raise UserError(f"lp must be positive, got {self.lp}")
         if self.granularity == "token" and not self.dynamic:
             raise UserError("granularity 'token' needs dynamic: true (token counts are not fixed at calibration)")
+        if not isinstance(self.timestep_groups, int) or self.timestep_groups < 1:
+            raise UserError(f"timestep_groups must be a positive integer, got {self.timestep_groups!r}")
+        if self.timestep_groups > 1 and (self.dynamic or self.granularity != "tensor"):
+            raise UserError(f"timestep_groups: {self.timestep_groups} needs a static per-tensor range (dynamic: "
+                            f"false, granularity: tensor), got {'dynamic' if self.dynamic else 'static'} "
+                            f"{self.granularity!r}; dynamic ranges already follow every input")
         if self.granularity == "sample" and not self.dynamic:
             raise UserError("granularity 'sample' needs dynamic: true (a static range is shared by every sample; "
                             "use 'tensor')")
@@ -86,4 +97,6 @@ class QuantSpec:
         gran = (f"per-{self.granularity.replace('_', '-')}{self.group_size}" if self.granularity in GROUPED
                 else f"per-{self.granularity}")
         kind = "" if role == "w" else (" dynamic" if self.dynamic else f" static {self.init}")
+        if self.timestep_groups > 1:
+            kind += f" ×{self.timestep_groups} timestep groups"
         return f"{role}{self.bits} {'sym' if self.symmetric else 'asym'} {gran}{kind}"

@@ -25,9 +25,12 @@ from ditquant.errors import UserError
 from ditquant.models.adapters import adapter_for
 from ditquant.quant.adaround import RoundingSchedule
 from ditquant.quant.modules import activation_quantizers, activations_unquantized, quant_disabled, quant_layers
+from ditquant.quant.timesteps import timesteps
 from ditquant.reconstruction.cache import UnitCache
 from ditquant.calibration.capture import CallSignature, capture_input, replay, run_until_output
 from ditquant.reconstruction.config import ReconstructionConfig
+
+TIMESTEPS = "__timesteps__"  # the cached rows' timesteps (not an argument of the unit)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ class BlockReconstructor:
         stage = active.stage
         rows = active.cache.batch(self._draw(index, k), self._device)
         with self._activation_mode(stage):
-            out = replay(active.unit, active.signature, rows)
+            out = self._replay(active, rows)
         rec = (out - rows["target"]).square().sum(1).mean()  # summed over dim 1, as BRECQ / PTQ4DiT
         loss = rec
         reg = torch.zeros(())
@@ -236,10 +239,16 @@ class BlockReconstructor:
                 signature, rows = capture_input(forward, active.unit, batch=len(t))
             active.signature = active.signature or signature
             try:
-                active.cache.write({**rows, "target": target})
+                active.cache.write({**rows, "target": target, TIMESTEPS: t})
             except UserError as e:
                 raise UserError(f"reconstruction of {active.stage.unit} (stage {active.index + 1} of "
                                 f"{len(self.stages)}): {e}") from None
+
+    @staticmethod
+    def _replay(active: _ActiveStage, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unit on cached rows, with the rows' timesteps current (timestep-aware activation ranges)."""
+        with timesteps(rows[TIMESTEPS]):
+            return replay(active.unit, active.signature, rows)
 
     @torch.no_grad()
     def _evaluate(self, active: _ActiveStage) -> float:
@@ -251,7 +260,7 @@ class BlockReconstructor:
             a.hard = True
         try:
             with self._activation_mode(active.stage):
-                out = replay(active.unit, active.signature, rows)
+                out = self._replay(active, rows)
         finally:
             for a in soft:
                 a.hard = False

@@ -15,6 +15,7 @@ from torch import nn
 from ditquant.errors import UserError
 from ditquant.models.adapters.base import Adapter, RescalableInput
 from ditquant.models.adapters.dit import DiTAdapter
+from ditquant.quant import timesteps
 from ditquant.quant.apply import wrap_layers
 
 ADAPTERS: list[Adapter] = [DiTAdapter()]
@@ -31,8 +32,20 @@ def adapter_for(model: nn.Module) -> Adapter:
 
 def quantize_model(model: nn.Module, config, init_weights: bool = True) -> nn.Module:
     """Wrap ``model``'s layers per ``config`` (the roles its family's adapter defines), in place; weights
-    round-to-nearest unless ``init_weights`` is false (a skeleton whose state is loaded afterwards)."""
-    return wrap_layers(model, config, adapter_for(model).role_map(model), init_weights)
+    round-to-nearest unless ``init_weights`` is false (a skeleton whose state is loaded afterwards). The model
+    records its timestep argument on every call, for timestep-aware activation ranges (``ditquant.quant.timesteps``)."""
+    wrap_layers(model, config, adapter_for(model).role_map(model), init_weights)
+    model.register_forward_pre_hook(_enter_forward, with_kwargs=True)
+    model.register_forward_hook(_leave_forward, always_call=True)
+    return model
+
+
+def _enter_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    timesteps.enter_forward(adapter_for(model).timestep_of(args, kwargs))
+
+
+def _leave_forward(model: nn.Module, args: tuple, output) -> None:
+    timesteps.leave_forward()
 
 
 __all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "RescalableInput", "adapter_for", "quantize_model"]

@@ -50,6 +50,10 @@ class Adapter:
         """The denoiser's output for inputs x at timesteps t under condition y."""
         raise NotImplementedError
 
+    def timestep_of(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The timestep argument of a call ``model(*args, **kwargs)`` (timestep-aware activation ranges)."""
+        raise NotImplementedError
+
     def forward_batch(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``forward`` on a calibration batch ({x, t, y}), moved to the model's device."""
         device = next(model.parameters()).device

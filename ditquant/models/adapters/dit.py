@@ -32,6 +32,9 @@ class DiTAdapter(Adapter):
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(x, t, y).sample
 
+    def timestep_of(self, args: tuple, kwargs: dict):
+        return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+
     def null_condition(self, model: nn.Module, y: torch.Tensor) -> torch.Tensor:
         return torch.full_like(y, model.config.num_embeds_ada_norm)  # the label table's extra row
 
