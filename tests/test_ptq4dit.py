@@ -111,7 +111,8 @@ def test_balanced_model_runs_the_same_ops_as_the_unbalanced_one():
     traces = []
     for model in (plain, balanced):
         observe(model, cal)
-        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        # no observation hook left behind (the root keeps the timestep hooks quantize_model installs)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules() if m is not model)
         with torch.no_grad(), OpCounter() as counter:
             model(*inputs())
         traces.append(counter.ops)

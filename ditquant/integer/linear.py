@@ -59,8 +59,8 @@ class IntLinear(nn.Module):
 
     Buffers: ``weight`` (int8 (out, in), or uint8 (out, in/2) packed for ≤ 4 bits), ``weight_scale`` (out, groups),
     ``weight_zero`` (int8 zero points subtracted after unpacking int4), ``weight_offset`` (asymmetric 8-bit weights:
-    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point; one per timestep
-    group, with the ``input_timestep_edges`` between the groups, for timestep-aware ranges),
+    z_w − 128), ``input_scale`` / ``input_zero`` (static activations: the fake quantizer's scale and zero point; one
+    per timestep group, with the ``input_timestep_edges`` between the groups, for timestep-aware ranges),
     ``bias``; and the fake-quantized layer's pieces (``ditquant.quant.pieces``), run in floating point:
     ``input_transforms`` before quantization and ``branches`` added to the output.
     """
