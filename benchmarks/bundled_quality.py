@@ -8,7 +8,9 @@ A row may compose configs with ``+`` (an ablation overlay after its method confi
 Runs ``ditquant test --config configs/fp.yaml`` and, per config, ``ditquant fit`` then ``ditquant test``, each in
 ``runs/quality/<name>``; prints a markdown table of FID vs data, FID vs FP, PSNR vs FP and calibration time
 (activation observation + reconstruction, from ``quantized/fit_summary.json``; the shared calibration set is
-recorded once beforehand and not counted). All sampling is seeded (evaluation seed 0, sample i gets noise (0, i)); the sampler is the config's.
+recorded once beforehand and not counted). All sampling is seeded (evaluation seed 0, sample i gets noise (0, i)); the
+sampler is the config's. The FP row's samples are the FP reference of every other row
+(``model.evaluation.fp_reference``), so the FP model is sampled once per table, not once per row.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def main() -> None:
         if not (args.reuse and (root / "test" / "metrics.json").is_file()):
             if name != "fp":
                 ditquant("fit", *common)
-            ditquant("test", *common)
+            ditquant("test", *common, *([] if name == "fp" else
+                                        ["--model.evaluation.fp_reference", str(args.out / "fp" / "test")]))
         metrics = json.loads((root / "test" / "metrics.json").read_text())
         fit_s = (None if name == "fp" else
                  json.loads((root / "quantized" / "fit_summary.json").read_text())["fit_seconds"])

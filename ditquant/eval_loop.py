@@ -12,7 +12,7 @@ import torch
 
 from ditquant import interrupt
 from ditquant.errors import UserError
-from ditquant.evaluation.sampling import SampleEvaluator
+from ditquant.evaluation.sampling import SampleEvaluator, load_fp_reference
 from ditquant.integer.convert import to_integer
 from ditquant.io import remove_stale_temporaries
 from ditquant.quant.apply import uncalibrated_layers
@@ -47,11 +47,16 @@ class EvalLoop:
             self.integer_transformer.to(self.device)
         if self.vae is not None:
             self.vae.to(self.device)
+        num_samples = self.trainer.datamodule.num_test_samples
+        fp_reference = None
+        if self.quant is not None and self.evaluation.compare_fp and self.evaluation.fp_reference:
+            fp_reference = load_fp_reference(self.evaluation.fp_reference, self._fingerprint, self.sampler,
+                                             self.evaluation.seed, num_samples)
         self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.dit_source,
                                          vae=self.vae, latent_scale=self.latent_scale,
-                                         compare_fp=self.quant is not None)
-        log.info("test: sampling %d images (%s, %d steps)", self.trainer.datamodule.num_test_samples,
-                 self.sampler.kind, self.sampler.num_steps)
+                                         compare_fp=self.quant is not None, fp_reference=fp_reference)
+        log.info("test: sampling %d images (%s, %d steps)%s", num_samples, self.sampler.kind, self.sampler.num_steps,
+                 f"; FP samples from {self.evaluation.fp_reference}" if fp_reference is not None else "")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         model = self.integer_transformer if self.integer_transformer is not None else self.transformer
@@ -64,8 +69,12 @@ class EvalLoop:
         label = (self.quant.label() + (" integer" if self.backend == "integer" else "")) if self.quant else "FP"
         if self._partial is not None:
             label += f" PARTIAL ({self._partial['where']})"
-        metrics = self.evaluator.finish(out_dir, label=label, write=self.trainer.is_global_zero,
-                                        extra={"partial": self._partial} if self._partial is not None else None)
+        extra = {"weights": self._fingerprint}  # an FP test's samples can then serve as a later fp_reference
+        if self.evaluator.fp_reference is not None:
+            extra["fp_reference"] = self.evaluation.fp_reference
+        if self._partial is not None:
+            extra["partial"] = self._partial
+        metrics = self.evaluator.finish(out_dir, label=label, write=self.trainer.is_global_zero, extra=extra)
         for name, value in metrics.items():
             if isinstance(value, float):
                 self.log(f"test/{name}", value, rank_zero_only=True)

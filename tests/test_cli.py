@@ -68,6 +68,40 @@ def test_fit_then_test_on_bundled_model(tmp_path):
 
 
 @needs_bundled
+def test_fp_reference_stands_in_for_fp_sampling(tmp_path):
+    import json
+
+    import numpy as np
+
+    read = lambda folder: json.loads((folder / "test" / "metrics.json").read_text())  # noqa: E731
+    root, fp, other = tmp_path / "run", tmp_path / "fp", tmp_path / "other"
+    common = small_run("configs/rtn_w8a8.yaml", root, tmp_path / "calib", 10, 10)
+    run("fit", *common)
+    run("test", *common)
+    run("test", *small_run("configs/fp.yaml", fp, tmp_path / "calib", 10, 10))
+    assert read(fp)["label"] == "FP" and read(fp)["weights"] == read(root)["weights"]
+
+    reference = ["--model.evaluation.fp_reference", str(fp / "test")]
+    elsewhere = ["--trainer.default_root_dir", str(other), "--model.load_quantized", str(root / "quantized")]
+    run("test", *common, *elsewhere, *reference)
+    resampled, referenced = read(root), read(other)
+    assert referenced["fp_reference"] == str(fp / "test") and "fp_reference" not in resampled
+    assert referenced["fid_vs_data"] == resampled["fid_vs_data"]  # the quantized samples are the same
+    assert abs(referenced["psnr_vs_fp"] - resampled["psnr_vs_fp"]) < 0.05  # the FP side differs by 8-bit rounding
+    with np.load(fp / "test" / "samples.npz") as a, np.load(other / "test" / "samples_fp.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+    for bad, match in [(["--model.evaluation.seed", "1"], "not made with seed 1"),
+                       (["--model.sampler.num_steps", "5"], "not made with sampler"),
+                       (["--data.num_test_samples", "20"], "has 10 samples, this test draws 20")]:
+        with pytest.raises(SystemExit, match=match):
+            run("test", *common, *elsewhere, *reference, *bad)
+    for folder, match in [(root / "test", "not made with label FP"), (tmp_path / "none", "no metrics.json")]:
+        with pytest.raises(SystemExit, match=match):
+            run("test", *common, *elsewhere, "--model.evaluation.fp_reference", str(folder))
+
+
+@needs_bundled
 def test_dit_stays_in_inference_mode_during_fit():
     from ditquant.task import DiTQuantization
 

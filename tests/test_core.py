@@ -162,3 +162,13 @@ def test_per_layer_overrides_and_the_saved_plan(tmp_path):
     with pytest.raises(ValueError, match=r"different quant: model.quant.plan.pos_embed.proj.weight.bits is 8 there"):
         four = dq.QuantConfig(weight=dq.QuantSpec(bits=4, granularity="channel"))
         dq.load_quantized(dq.quantize(random_dit(seed=1), four), tmp_path / "q", source, four)
+
+    # a file written before a spec field existed (timestep_groups) loads: the field takes its default
+    from ditquant.export.calibrated import META, WEIGHTS
+    from ditquant.io import committed_folder
+
+    meta = tmp_path / "q" / META
+    meta.write_text("".join(line for line in meta.read_text().splitlines(True) if "timestep_groups" not in line))
+    with committed_folder(tmp_path / "q", (WEIGHTS, META)):
+        pass
+    dq.load_quantized(dq.quantize(random_dit(seed=1), every_role), tmp_path / "q", source, every_role)

@@ -37,12 +37,17 @@ class EvaluationConfig:
             ``inception`` (needs the optional extra ``ditquant[inception]``), ``none``, or ``auto`` (the
             domain classifier for the bundled model, Inception otherwise, skipped with a warning if unavailable).
         compare_fp: also sample the FP model with the same noise: FID and PSNR of quantized vs FP.
+        fp_reference: the ``test`` folder of an earlier FP ``ditquant test`` of the same weights, sampler, seed and
+            at least as many samples: its ``samples.npz`` stands in for the FP samples instead of sampling the FP
+            model again (half the test's time). FID and PSNR vs FP then compare against those 8-bit images, which
+            moves them only by the rounding to 8 bits.
         grid_per_class: samples per class in the PNG grid (one row per class, up to 16 classes).
     """
 
     seed: int = 0
     fid_features: Literal["auto", "fashion-mnist", "inception", "none"] = "auto"
     compare_fp: bool = True
+    fp_reference: Optional[str] = None
     grid_per_class: int = 10
 
     def __post_init__(self):
@@ -103,6 +108,33 @@ def write_samples(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
         np.savez(f, arr_0=images, arr_1=labels)
 
 
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """The inverse of ``to_uint8``: (N, H, W, C) uint8 -> (N, C, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def load_fp_reference(folder: str, weights: str, sampler: SamplerConfig, seed: int, num_samples: int) -> np.ndarray:
+    """The FP samples of an earlier FP test (``EvaluationConfig.fp_reference``), refused unless they were made
+    from the same weights with the same sampler and seed, and cover ``num_samples``."""
+    option, root = "model.evaluation.fp_reference", Path(folder)
+    if not (root / "metrics.json").is_file() or not (root / "samples.npz").is_file():
+        raise UserError(f"{option}: {root} has no metrics.json and samples.npz of a finished `ditquant test`")
+    made = json.loads((root / "metrics.json").read_text())
+    wanted = {"label": "FP", "weights": weights, "sampler": asdict(sampler), "seed": seed}
+    for key, value in wanted.items():
+        if made.get(key) != value:
+            raise UserError(f"{option}: {root} was not made with {key} {value} (it has {made.get(key)}); its "
+                            "samples cannot stand in for this model's FP samples")
+    if made.get("num_samples", 0) < num_samples:
+        raise UserError(f"{option}: {root} has {made.get('num_samples')} samples, this test draws {num_samples}")
+    with np.load(root / "samples.npz") as archive:
+        images = archive["arr_0"]
+    if len(images) != made["num_samples"]:
+        raise UserError(f"{option}: {root / 'samples.npz'} holds {len(images)} samples, its metrics.json says "
+                        f"{made['num_samples']}")
+    return images
+
+
 def write_json(obj: dict, path: Path) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -112,10 +144,12 @@ class SampleEvaluator:
     """Accumulates samples and metrics over the test batches; ``finish`` computes and writes everything."""
 
     def __init__(self, config: EvaluationConfig, sampler: SamplerConfig, dit: DiTConfig, source, vae=None,
-                 latent_scale: float = 1.0, compare_fp: bool = True):
+                 latent_scale: float = 1.0, compare_fp: bool = True, fp_reference: Optional[np.ndarray] = None):
+        """``fp_reference``: the FP samples (uint8, by sample index) to compare with instead of sampling FP."""
         self.config, self.sampler, self.dit, self.source = config, sampler, dit, source
         self.vae, self.latent_scale = vae, latent_scale
         self.compare_fp = compare_fp and config.compare_fp
+        self.fp_reference = fp_reference
         check_feature_input(self._feature_kind(), dit, vae is not None)
         self.fid = self._make_fid()
         self.paired = self._make_fid(paired=True) if self.compare_fp else None
@@ -172,16 +206,23 @@ class SampleEvaluator:
         if self.inception_score is not None:
             self.inception_score.update(((images + 1) / 2).cpu())
         if self.compare_fp:
-            reference = model if reference is None else reference
-            with quant_disabled(reference):
-                fp = self._decode(sample(reference, noise, labels, self.sampler,
-                                         step_generators(indices, self.config.seed, device))).clamp(-1, 1)
+            fp = self._fp_samples(model if reference is None else reference, noise, indices, labels)
             self.fp_images.append(to_uint8(fp))
             mse = (images - fp).square().flatten(1).mean(1).clamp(min=1e-12)
             self.psnr.append((10 * torch.log10(4.0 / mse)).cpu())  # data range 2 ([-1, 1])
             if self.paired is not None:
                 self.paired.update(((fp + 1) / 2).cpu(), real=True)
                 self.paired.update(((images + 1) / 2).cpu(), real=False)
+
+    def _fp_samples(self, reference: torch.nn.Module, noise: torch.Tensor, indices: torch.Tensor,
+                    labels: torch.Tensor) -> torch.Tensor:
+        """The FP samples of these indices: from ``fp_reference`` if given, else ``reference`` with its quantizers
+        off, from the same noise."""
+        if self.fp_reference is not None:
+            return from_uint8(self.fp_reference[indices.cpu().numpy()]).to(labels.device)
+        with quant_disabled(reference):
+            return self._decode(sample(reference, noise, labels, self.sampler,
+                                       step_generators(indices, self.config.seed, labels.device))).clamp(-1, 1)
 
     def _gathered(self) -> dict[str, np.ndarray]:
         """Every process's samples, in sample-index order (one process: its own)."""

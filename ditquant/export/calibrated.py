@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ditquant.errors import UserError
-from ditquant.io import atomic_write, check_same, committed_folder, verify_folder
+from ditquant.io import atomic_write, check_same, committed_folder, verify_folder, yaml_plain
 from ditquant.quant.config import quant_config_from_dict
 from ditquant.quant.plan import model_plan, plan_as_dict
+from ditquant.quant.spec import QuantSpec
 
 FORMAT = "ditquant-quantized/1"
 WEIGHTS, META = "model.safetensors", "quantized.yaml"
@@ -56,6 +57,10 @@ def saved_searched_layout(folder: str | Path) -> dict[str, dict]:
     return {f: getattr(config, f) for f in SEARCHED_LAYOUT if config is not None and getattr(config, f)}
 
 
+def _spec_dict(d: dict | None) -> dict | None:
+    return None if d is None else yaml_plain(dataclasses.asdict(QuantSpec(**d)))
+
+
 def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) -> None:
     """Load a saved state into ``model`` (already quantized with ``quant``); refuse a mismatching file."""
     folder = Path(folder)
@@ -69,13 +74,21 @@ def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
     expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant, model), sort_keys=False))
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: not a ditquant calibrated model (format {meta.get('format')!r})")
-    if "plan" in meta:  # what the layers are, and the attention matmuls' spec
-        saved = {"dit": meta.get("dit"), "quant": {"attention": (meta.get("quant") or {}).get("attention"),
-                                                   "plan": meta["plan"]}}
-        wanted = {"dit": expected["dit"], "quant": {"attention": expected["quant"]["attention"],
-                                                    "plan": expected["plan"]}}
-    else:
-        saved, wanted = {"dit": meta.get("dit"), "quant": meta.get("quant")}, {k: expected[k] for k in ("dit", "quant")}
+    try:  # the saved specs in today's form: a field added since they were written takes its default
+        if "plan" in meta:  # what the layers are, and the attention matmuls' spec
+            plan = {name: {**p, "weight": _spec_dict(p["weight"]), "input": _spec_dict(p["input"])}
+                    for name, p in meta["plan"].items()}
+            saved = {"dit": meta.get("dit"), "quant": {"attention": _spec_dict((meta.get("quant") or {}).get(
+                "attention")), "plan": plan}}
+            wanted = {"dit": expected["dit"], "quant": {"attention": expected["quant"]["attention"],
+                                                        "plan": expected["plan"]}}
+        else:
+            saved = {"dit": meta.get("dit"), "quant": yaml_plain(dataclasses.asdict(quant_config_from_dict(
+                meta["quant"])))}
+            wanted = {k: expected[k] for k in ("dit", "quant")}
+    except (TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"{meta_path}: cannot read its quant config ({e}); it was written by another ditquant "
+                        "version") from None
     check_same({"model": saved}, {"model": wanted}, f"{meta_path}")
     try:
         state = load_file(str(weights_path))

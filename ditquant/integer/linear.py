@@ -123,15 +123,14 @@ class IntLinear(nn.Module):
         """int8 codes (tokens, in) of x (…, in), with the scale and shifted zero point per token (or one row for
         all tokens) and activation group: (tokens | 1, groups)."""
         spec, shift = self.input_spec, code_shift(self.input_spec)
-        g = grouped(x, spec, False)
-        if spec.dynamic:
-            scale, zero = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
-        elif self.input_timestep_edges is not None:  # one static range per timestep group: per sample
+        if self.input_timestep_edges is not None:  # one static range per timestep group: per sample
             g = x.reshape(x.shape[0], -1)
             group = group_of(current_rows(x.shape[0]).to(x.device), self.input_timestep_edges)
             scale, zero = self.input_scale[group], self.input_zero[group]
         else:
-            scale, zero = self.input_scale, self.input_zero
+            g = grouped(x, spec, False)
+            scale, zero = ((self.input_scale, self.input_zero) if not spec.dynamic else
+                           qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec))
         codes = torch.div(g, scale).round_().add_(zero - shift).clamp_(spec.qmin - shift, spec.qmax - shift)
         codes = codes.to(torch.int8).reshape(-1, self.in_features)
         groups = scale_groups(spec, self.in_features)

@@ -13,6 +13,8 @@ Budget: the average input bit width over the quantized layers, each weighed by i
 
 from __future__ import annotations
 
+import itertools
+
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -142,11 +144,7 @@ class MixedPrecision(Method):
             return {"skipped": "model.quant.layer_activation_bits is given"}
         self.check(model, ctx)
         bits, costs = self._layers(model)
-        batches = []
-        for batch in ctx.calibration_batches(calibration):
-            batches.append(batch)
-            if len(batches) == self.num_batches:
-                break
+        batches = list(itertools.islice(ctx.calibration_batches(calibration), self.num_batches))
         candidates = [q for q in quant_layers(model) if q.name in bits and bits[q.name] < self.high_bits]
         sensitivity = activation_sensitivities(model, batches, candidates)
         promoted = choose_promotions(sensitivity, bits, costs, self.budget, self.high_bits)

@@ -109,20 +109,28 @@ class UniformQuantizer(nn.Module):
         self.range_max.copy_(torch.maximum(self.range_max, hi))
         self._set_qparams(self.range_min, self.range_max)
         if self.spec.init != "minmax":
-            keep = torch.randperm(g.shape[-1], generator=self._sampler)[:SAMPLES_PER_BATCH].to(g.device)
-            self._samples.append(torch.cat([lo, hi, g.index_select(-1, keep)], dim=-1))
+            self._samples.append(self._kept(g, lo, hi))
 
     def _observe_per_timestep(self, x: torch.Tensor) -> None:
         rows = x.reshape(x.shape[0], -1)
         t = current_rows(rows.shape[0])
         for value in torch.unique(t).tolist():
             g = rows[t == value].reshape(1, -1)
-            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-            kept = [lo, hi]
-            if self.spec.init != "minmax":
-                kept.append(g.index_select(-1, torch.randperm(g.shape[-1], generator=self._sampler)[
-                    :SAMPLES_PER_BATCH].to(g.device)))
-            self._per_timestep.setdefault(float(value), []).append(torch.cat(kept, dim=-1))
+            kept = self._kept(g, g.amin(-1, keepdim=True), g.amax(-1, keepdim=True))
+            self._per_timestep.setdefault(float(value), []).append(kept)
+
+    def _kept(self, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """What observation keeps of a batch: its range and, unless the init is minmax, a bounded random sample."""
+        if self.spec.init == "minmax":
+            return torch.cat([lo, hi], dim=-1)
+        keep = torch.randperm(g.shape[-1], generator=self._sampler)[:SAMPLES_PER_BATCH].to(g.device)
+        return torch.cat([lo, hi, g.index_select(-1, keep)], dim=-1)
+
+    def _searched_range(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The init's range (percentile / mse) of the kept values, at most MAX_SAMPLES of them."""
+        if samples.shape[-1] > MAX_SAMPLES:
+            samples = samples[..., torch.randperm(samples.shape[-1], generator=self._sampler)[:MAX_SAMPLES]]
+        return search_range(samples.float(), self.spec)
 
     @torch.no_grad()
     def _finish_per_timestep(self) -> None:
@@ -133,9 +141,7 @@ class UniformQuantizer(nn.Module):
             if self.spec.init == "minmax":
                 lo, hi = samples.amin(-1, keepdim=True), samples.amax(-1, keepdim=True)
             else:
-                if samples.shape[-1] > MAX_SAMPLES:
-                    samples = samples[..., torch.randperm(samples.shape[-1], generator=self._sampler)[:MAX_SAMPLES]]
-                lo, hi = search_range(samples.float(), self.spec)
+                lo, hi = self._searched_range(samples)
             self.range_min[k], self.range_max[k] = lo.reshape(-1), hi.reshape(-1)
         self._per_timestep.clear()
         self.timestep_edges.copy_(edges)
@@ -150,9 +156,7 @@ class UniformQuantizer(nn.Module):
             return
         samples = torch.cat(self._samples, dim=-1)
         self._samples.clear()
-        if samples.shape[-1] > MAX_SAMPLES:
-            samples = samples[..., torch.randperm(samples.shape[-1], generator=self._sampler)[:MAX_SAMPLES]]
-        lo, hi = search_range(samples.float(), self.spec)
+        lo, hi = self._searched_range(samples)
         self.range_min.copy_(lo.reshape(self.range_min.shape))
         self.range_max.copy_(hi.reshape(self.range_max.shape))
         self._set_qparams(self.range_min, self.range_max)

@@ -22,22 +22,14 @@ _CURRENT: ContextVar[Optional[torch.Tensor]] = ContextVar("ditquant_timesteps", 
 
 
 @contextlib.contextmanager
-def timesteps(t: torch.Tensor):
-    """The timesteps (one per batch row, or one for all) of the forward calls inside the block."""
-    token = _CURRENT.set(t)
+def timesteps(t: Optional[torch.Tensor]):
+    """The timesteps (one per batch row, or one for all; None: unknown) of the forward calls inside the block; the
+    enclosing block's come back at its end."""
+    token = _CURRENT.set(None if t is None else torch.as_tensor(t))
     try:
         yield
     finally:
         _CURRENT.reset(token)
-
-
-def enter_forward(t: Optional[torch.Tensor]) -> None:
-    """Record the timesteps of a model forward that begins (see ``leave_forward``)."""
-    _CURRENT.set(None if t is None else torch.as_tensor(t))
-
-
-def leave_forward() -> None:
-    _CURRENT.set(None)
 
 
 def current_rows(rows: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ family is a new adapter plus configs.
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from ditquant.errors import UserError
@@ -41,11 +43,15 @@ def quantize_model(model: nn.Module, config, init_weights: bool = True) -> nn.Mo
 
 
 def _enter_forward(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    timesteps.enter_forward(adapter_for(model).timestep_of(args, kwargs))
+    scopes = model.__dict__.setdefault("_timestep_scopes", [])  # a stack: the model may be called re-entrantly
+    scopes.append(contextlib.nullcontext())  # what _leave_forward pops, also if the adapter refuses the arguments
+    scope = timesteps.timesteps(adapter_for(model).timestep_of(args, kwargs))
+    scope.__enter__()
+    scopes[-1] = scope
 
 
 def _leave_forward(model: nn.Module, args: tuple, output) -> None:
-    timesteps.leave_forward()
+    model.__dict__["_timestep_scopes"].pop().__exit__(None, None, None)
 
 
 __all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "RescalableInput", "adapter_for", "quantize_model"]
