@@ -22,6 +22,7 @@ from ditquant.methods import (GPTQ, METHODS, GranularitySearch, InputRotation, L
 from ditquant.integer.agreement import block_sqnr, sqnr_db  # noqa: E402
 from ditquant.integer.convert import to_integer  # noqa: E402
 from ditquant.export.integer import load_integer, save_integer  # noqa: E402
+from ditquant.export.diffusers_format import DitQuantConfig, save_diffusers  # noqa: E402  (registers the backend)
 from ditquant.models.adapters import Adapter, DiTAdapter, RescalableInput, adapter_for  # noqa: E402
 from ditquant.models.loading import DiTSource, LoadedDiT, load_dit  # noqa: E402
 from ditquant.models.adapters import quantize_model  # noqa: E402
@@ -41,7 +42,7 @@ __all__ = ["balance", "calibrate", "calibration_set", "generate", "gptq", "load"
            "DiTAdapter", "RescalableInput", "adapter_for", "sample", "CalibrationRecipe", "CalibrationSet",
            "collate_pairs", "record_calibration_set", "SamplerConfig", "Interrupted", "UserError",
            "EvaluationConfig", "seeded_noise", "step_generators", "to_uint8", "block_sqnr", "sqnr_db", "to_integer",
-           "load_integer", "save_integer", "DiTSource", "LoadedDiT", "load_dit", "quantization_table",
+           "load_integer", "save_integer", "DitQuantConfig", "save_diffusers", "DiTSource", "LoadedDiT", "load_dit", "quantization_table",
            "quantize_model", "load_quantized", "save_quantized", "LayerOverride", "QuantConfig", "QuantLayer",
            "observing_activations", "quant_disabled", "QuantSpec", "ReconstructionConfig", "BlockReconstructor"]
 

@@ -1,8 +1,12 @@
-"""``ditquant export RUN [--out DIR]``: the calibrated model a fit wrote, as an integer model on disk.
+"""``ditquant export RUN [--format integer|diffusers] [--out DIR] [--keep-float LAYER ...]``: the calibrated model a
+fit wrote, as an integer model on disk.
 
 RUN is ``<default_root_dir>`` of a finished ``ditquant fit`` (or its ``quantized/`` folder); the model source and
 QuantConfig are read from ``quantized/quantized.yaml``, the FP weights from that source (to rebuild the calibrated
-model exactly). The integer model is written to ``<RUN>/integer`` unless ``--out`` says otherwise.
+model exactly). ``--format integer`` (default) writes ditquant's folder (``load_integer``, ``ditquant test
+--model.load_integer``) to ``<RUN>/integer``; ``--format diffusers`` writes diffusers' layout to ``<RUN>/diffusers``
+(``DiTTransformer2DModel.from_pretrained`` after ``import ditquant``; a pipeline folder when the model source is one,
+for ``DiTPipeline.from_pretrained``), where ``--keep-float`` leaves the named quantized layers in floating point.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from rich.table import Table
 
 from ditquant.errors import UserError
 from ditquant.integer.convert import to_integer
+from ditquant.export.diffusers_format import save_diffusers
 from ditquant.export.integer import save_integer
 from ditquant.integer.linear import IntLinear
-from ditquant.models.loading import DiTSource, LoadedDiT, load_dit
+from ditquant.models.loading import DiTSource, LoadedDiT, classify_source, load_dit
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.apply import uncalibrated_layers
 from ditquant.export.calibrated import META, load_quantized
@@ -65,12 +70,23 @@ def size_table(fake: torch.nn.Module, integer: torch.nn.Module) -> Table:
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="ditquant export", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="the fit's default_root_dir (or its quantized/ folder)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/integer)")
+    p.add_argument("--format", choices=("integer", "diffusers"), default="integer",
+                   help="ditquant's integer folder, or diffusers' layout (from_pretrained)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/<format>)")
+    p.add_argument("--keep-float", nargs="+", default=[], metavar="LAYER",
+                   help="quantized layers to export in floating point (diffusers format: modules_to_not_convert)")
     args = p.parse_args(argv)
+    if args.keep_float and args.format != "diffusers":
+        raise UserError("ditquant export: --keep-float is for --format diffusers")
     folder = quantized_folder(args.run)
     loaded, source, quant = load_calibrated(folder)
-    integer = to_integer(loaded.transformer)
-    out = args.out or folder.parent / "integer"
-    save_integer(integer, out, source, quant)
+    integer = to_integer(loaded.transformer, keep_float=args.keep_float)
+    out = args.out or folder.parent / args.format
+    if args.format == "diffusers":
+        kind, path = classify_source(source.source)
+        save_diffusers(integer, out, source, quant, keep_float=args.keep_float,
+                       pipeline=path if kind == "pipeline" else None)
+    else:
+        save_integer(integer, out, source, quant)
     Console(stderr=True).print(size_table(loaded.transformer, integer))
     print(f"integer model written to {out}")

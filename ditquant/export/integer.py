@@ -30,7 +30,8 @@ FORMAT = "ditquant-integer/1"
 WEIGHTS, META = "model.safetensors", "integer.yaml"
 
 
-def _layout(model: nn.Module) -> dict:
+def integer_layout(model: nn.Module) -> dict:
+    """Each integer layer's name, shape, specs and weight storage (what an exported model says it holds)."""
     return {name: {"in": m.in_features, "out": m.out_features, "weight": m.weight_spec.label("w"),
                    "storage": "int4" if m.packed else "int8", "activation": m.input_spec.label("a")}
             for name, m in model.named_modules() if isinstance(m, IntLinear)}
@@ -39,7 +40,7 @@ def _layout(model: nn.Module) -> dict:
 def save_integer(model: nn.Module, folder: str | Path, source, quant: QuantConfig) -> Path:
     """Write an integer model (``to_integer``'s output) and its description atomically into ``folder``."""
     folder = Path(folder)
-    layout = _layout(model)
+    layout = integer_layout(model)
     if not layout:
         raise UserError("save_integer: the model has no integer layers (convert it with to_integer first)")
     if not getattr(source, "original_numerics", True):
@@ -55,6 +56,20 @@ def save_integer(model: nn.Module, folder: str | Path, source, quant: QuantConfi
         with atomic_write(folder / META) as tmp:
             tmp.write_text(yaml.safe_dump(meta, sort_keys=False))
     return folder
+
+
+def integer_skeleton(model: nn.Module, quant: QuantConfig, keep_float: tuple[str, ...] | list[str] = ()) -> nn.Module:
+    """``model`` quantized per ``quant`` (in place) with every weight-quantized layer an empty IntLinear, except the
+    ``keep_float`` ones, which are unwrapped back to their floating-point layer: the shape of an exported model, to
+    load its stored tensors into. New tensors are made on the meta device (shapes only)."""
+    with torch.device("meta"):
+        quantize_model(model, quant, init_weights=False)
+        for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
+            if q.weight_quantizer.spec.enabled:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child,
+                        q.layer if name in keep_float else integer_shell(q))
+    return model
 
 
 def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -96,12 +111,8 @@ def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
     if architecture is not None:
         saved["architecture"], wanted["architecture"] = meta["architecture"], architecture.to_dict()
     check_same({"model": saved}, {"model": wanted}, str(folder / META))
-    with torch.device("meta"):  # shapes only: the stored tensors are assigned in place of these
-        model = quantize_model(build_dit(saved_arch), saved_quant, init_weights=False)
-        for name, q in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]:
-            if q.weight_quantizer.spec.enabled:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, integer_shell(q))
+    with torch.device("meta"):
+        model = integer_skeleton(build_dit(saved_arch), saved_quant)
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:

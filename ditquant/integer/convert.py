@@ -78,11 +78,24 @@ def to_integer_layer(q: QuantLayer) -> IntLinear:
     return out
 
 
-def to_integer(model: nn.Module) -> nn.Module:
-    """A copy of a calibrated quantized ``model`` with every QuantLayer replaced by its IntLinear; the rest
-    (embeddings, norms, unquantized layers, attention processors) is copied as is. ``model`` is not changed."""
-    layers = list(quant_layers(model))
+def to_integer(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -> nn.Module:
+    """A copy of a calibrated quantized ``model`` with every QuantLayer replaced by its IntLinear, except the
+    ``keep_float`` ones (layer names), which become their floating-point layer again (with the weights the methods
+    left in them); the rest (embeddings, norms, unquantized layers, attention processors) is copied as is.
+    ``model`` is not changed."""
+    layers = [q for q in quant_layers(model) if q.weight_quantizer.spec.enabled]
     if not layers:
         raise UserError("the model has no quantized layers: quantize and calibrate it first (ditquant fit)")
-    memo = {id(q): to_integer_layer(q) for q in layers if q.weight_quantizer.spec.enabled}
+    names = {q.name for q in layers}
+    if unknown := [n for n in keep_float if n not in names]:
+        raise UserError(f"keep float: {unknown} is not a quantized layer of this model (e.g. {sorted(names)[:3]})")
+    memo = {}
+    for q in layers:
+        if q.name not in keep_float:
+            memo[id(q)] = to_integer_layer(q)
+        elif q.input_transforms or q.branches:  # the weight alone is not the layer's function
+            raise UserError(f"keep float: {q.name} transforms its input or adds a branch (rotation, smoothing, "
+                            "low-rank); it can only run as an integer layer")
+        else:
+            memo[id(q)] = copy.deepcopy(q.layer)
     return copy.deepcopy(model, memo)

@@ -238,12 +238,17 @@ class IntLinear(nn.Module):
             y.addr_(u, k["offset"][:, b], alpha=-1)
         return y
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def prepare_for_state(self, state_dict: dict, prefix: str) -> None:
+        """Create the optional buffers and the pieces that ``state_dict`` holds for this layer (empty, shaped like
+        the stored ones; meta tensors give meta buffers), so that loading it finds a place for every tensor."""
         for name in OPTIONAL_BUFFERS:
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))
         prepare_pieces(self, state_dict, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.prepare_for_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

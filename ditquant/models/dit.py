@@ -101,9 +101,14 @@ def build_dit(config: DiTConfig) -> DiTTransformer2DModel:
         norm_eps=1e-6,
     )
     if config.class_dropout_prob != 0.1:
-        for block in model.transformer_blocks:
-            block.norm1.emb.class_embedder.dropout_prob = config.class_dropout_prob
+        set_class_dropout(model, config.class_dropout_prob)
     return use_original_numerics(model)
+
+
+def set_class_dropout(model: DiTTransformer2DModel, probability: float) -> None:
+    """The label dropout of training (a module attribute that diffusers' config does not hold)."""
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = probability
 
 
 def config_of(model: DiTTransformer2DModel) -> DiTConfig:

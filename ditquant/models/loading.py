@@ -130,7 +130,7 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def load_dit(source: DiTSource) -> LoadedDiT:
     """Load the DiT (and VAE) described by ``source``; see ``DiTSource`` for what a source may be."""
-    kind, path = _classify(source.source)
+    kind, path = classify_source(source.source)
     default_vae: Optional[Path] = None  # a pipeline folder's vae/
     hub_vae: Optional[str] = None  # a hub pipeline repo whose vae/ sits beside its transformer/
     if kind == "original":
@@ -206,7 +206,7 @@ def _has_weights(folder: Path) -> bool:
     return any((folder / f).is_file() for f in (*_SAFETENSORS, _BIN))
 
 
-def _classify(source: str) -> tuple[str, Optional[Path]]:
+def classify_source(source: str) -> tuple[str, Optional[Path]]:
     """("bundled" | "original" | "model" | "pipeline" | "hub", path or None)."""
     if source == "bundled":
         return "bundled", None
