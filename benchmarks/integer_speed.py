@@ -6,7 +6,10 @@
 Prints, each measured in this run with the variants interleaved (A/B/A/B…, median of the repeats):
 1. transformer forward time: fp32 eager, bf16 eager, integer W8A8 and W4A8 (static per-tensor asymmetric A8,
    asymmetric per-channel weights, every linear quantized as in PTQ4DiT; attention matmuls in float), and the
-   speedups of the integer models over fp32 and bf16;
+   speedups of the integer models over fp32 and bf16. Each integer model runs three ways: as the integer layer ran
+   before its run options existed (eager input quantization, int4 unpacked per call: the A/B against the previous
+   main), with today's defaults (fused input quantization, int4 kept unpacked), and with its float parts
+   (attention, GELU, norms, embeddings, unquantized layers) in bf16;
 2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, next
    to the bare ``torch._int_mm`` vs fp32 matmul ratio (the limit the layer can reach);
 3. bytes: safetensors file of the fp32 model vs the integer W8 / W4 exports (whole model, and the quantized
@@ -17,6 +20,7 @@ With ``--device cuda`` the float baselines are bf16 eager and bf16 + torch.compi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -31,7 +35,7 @@ from safetensors.torch import save_file
 
 from ditquant.integer.convert import to_integer
 from ditquant.export.integer import save_integer
-from ditquant.integer.linear import IntLinear
+from ditquant.integer.linear import IntLinear, run_options
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.loading import DiTSource
 from ditquant.models.adapters import quantize_model
@@ -40,6 +44,7 @@ from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec
 
 XL = DiTConfig.named("DiT-XL/2", input_size=32)
+BEFORE = {"fused_quantization": False, "keep_unpacked": False}  # the integer layer's run options before they existed
 
 
 def configs() -> dict[str, QuantConfig]:
@@ -67,8 +72,6 @@ def inputs(config: DiTConfig, batch: int, device: str, dtype=torch.float32):
 
 def integer_model(fp: torch.nn.Module, quant: QuantConfig, config: DiTConfig) -> torch.nn.Module:
     """Quantize a copy of ``fp`` (RTN weights, activation ranges from two batches) and convert it to integers."""
-    import copy
-
     fake = quantize_model(copy.deepcopy(fp), quant)
     with torch.no_grad(), observing_activations(fake):
         fake(*inputs(config, 2, "cpu"))
@@ -95,20 +98,27 @@ def interleaved(variants: dict, repeats: int, sync) -> dict[str, float]:
 
 
 def forward_table(models: dict, config: DiTConfig, batches: list[int], repeats: int, device: str, sync) -> None:
-    floats = [n for n in models if not n.startswith("W")]
-    pairs = [(q, f) for q in ("W8A8", "W4A8") for f in floats]
+    """``models``: name -> (model, input dtype, integer run options); every integer row against every float row."""
+    floats = [n for n, (_, _, options) in models.items() if options is None]
     print("\n## transformer forward (median seconds; speedup = float time / integer time)\n")
-    print("| batch | " + " | ".join(models) + " | " + " | ".join(f"{q} vs {f}" for q, f in pairs) + " |")
-    print("|---" * (len(models) + len(pairs) + 1) + "|")
     for batch in batches:
         variants = {}
-        for name, (model, dtype) in models.items():
+        for name, (model, dtype, options) in models.items():
             args = inputs(config, batch, device, dtype)
-            variants[name] = (lambda m=model, a=args: m(*a))
+
+            def call(m=model, a=args, o=options or {}):
+                with run_options(**o):
+                    m(*a)
+            variants[name] = call
         with torch.no_grad():
             t = interleaved(variants, repeats, sync)
-        ratios = [f"{t[f] / t[q]:.2f}×" for q, f in pairs]
-        print(f"| {batch} | " + " | ".join(f"{t[n]:.3f}" for n in models) + " | " + " | ".join(ratios) + " |")
+        print(f"batch {batch}:\n")
+        print("| model | seconds | " + " | ".join(f"vs {f}" for f in floats) + " |")
+        print("|---|---|" + "---|" * len(floats))
+        for name in models:
+            ratios = " | ".join("" if name in floats else f"{t[f] / t[name]:.2f}×" for f in floats)
+            print(f"| {name} | {t[name]:.3f} | {ratios} |")
+        print()
 
 
 def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: int) -> None:
@@ -221,13 +231,17 @@ def main() -> None:
         sync = torch.cuda.synchronize
         bf16 = build_dit(config).to(device, torch.bfloat16).eval()
         bf16.load_state_dict(fp.state_dict())
-        models = {"bf16": (bf16, torch.bfloat16), "bf16 compiled": (torch.compile(bf16), torch.bfloat16)}
+        models = {"bf16": (bf16, torch.bfloat16, None),
+                  "bf16 compiled": (torch.compile(bf16), torch.bfloat16, None)}
     else:
         sync = lambda: None  # noqa: E731
         bf16 = build_dit(config).to(torch.bfloat16).eval()
         bf16.load_state_dict(fp.state_dict())
-        models = {"fp32": (fp, torch.float32), "bf16": (bf16, torch.bfloat16)}
-    models.update({name: (m.to(device), torch.float32) for name, m in integers.items()})
+        models = {"fp32": (fp, torch.float32, None), "bf16": (bf16, torch.bfloat16, None)}
+    for name, m in integers.items():  # A/B: the layer as it ran before (eager quantization, int4 unpacked per call)
+        models[f"{name} before (fp32 float parts)"] = (m.to(device), torch.float32, BEFORE)
+        models[f"{name} (fp32 float parts)"] = (m, torch.float32, {})
+        models[f"{name} (bf16 float parts)"] = (copy.deepcopy(m).to(torch.bfloat16), torch.bfloat16, {})
     forward_table(models, config, args.batch, args.repeats, device, sync)
     if device == "cpu":
         gemm_table(integers["W8A8"], config, max(args.batch), args.repeats)

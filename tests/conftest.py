@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Integer layers quantize their inputs eagerly in the tests: the compiled kernel (the default) gives the same codes
+# (test_integer checks it on every scale layout) but costs a compilation per process.
+os.environ.setdefault("DITQUANT_FUSED_QUANTIZATION", "0")
 from pathlib import Path
 
 import pytest

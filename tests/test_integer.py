@@ -93,6 +93,67 @@ def test_integer_model_matches_fake_quantization(name):
             assert sqnr_db(q(inp), layer(inp)) > 90, q.name
 
 
+def test_fused_input_quantization_gives_the_eager_codes():
+    """The compiled one-kernel quantization (the default outside the test suite) against the eager arithmetic, for
+    every scale layout the integer layers use, on values that include exact rounding ties."""
+    from ditquant.integer.linear import _eager_codes, input_codes, run_options
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, 16, generator=g) * 3
+    x[0, 0] = (torch.arange(16) - 8 + 0.5) * 0.05  # ties: round half to even in both
+    layouts = {"tensor": (torch.tensor(0.05), torch.tensor(3.0)),
+               "token": (x.abs().amax((1, 2), keepdim=True) / 127, torch.zeros(64, 1, 1)),
+               "group": (x.abs().amax(-1, keepdim=True) / 7, torch.full((64, 4, 1), 8.0))}
+    for name, (scale, zero) in layouts.items():
+        for lo, hi in ((-128, 127), (0, 15)):
+            with run_options(fused_quantization=True):
+                fused = input_codes(x, scale, zero, lo, hi)
+            assert torch.equal(fused, _eager_codes(x, scale, zero, lo, hi)), (name, lo, hi)
+    model = calibrated(SETTINGS["W4A8 group 16 (weights and dynamic activations)"])
+    integer = to_integer(model)
+    with torch.no_grad(), run_options(fused_quantization=True):
+        fused = integer(*batch()).sample
+    with torch.no_grad(), run_options(fused_quantization=False):
+        assert torch.equal(fused, integer(*batch()).sample)
+
+
+def test_int4_weights_unpacked_once_and_float_parts_in_bf16():
+    from ditquant.integer.linear import run_options
+
+    integer = to_integer(calibrated(SETTINGS["W4A8 static per-tensor"]))
+    fc1 = integer.transformer_blocks[0].ff.net[0].proj
+    with run_options(keep_unpacked=True):
+        first = fc1.integer_weight()
+        assert fc1.integer_weight() is first  # kept
+        with torch.no_grad():
+            kept = integer(*batch()).sample
+    with run_options(keep_unpacked=False), torch.no_grad():
+        assert torch.equal(integer(*batch()).sample, kept)
+    with torch.no_grad(), run_options(keep_unpacked=True):
+        fc1.weight[0, 0] ^= 1  # the packed weight changes: the kept copy is stale
+        assert not torch.equal(fc1.integer_weight(), first)
+
+    fp32 = to_integer(calibrated(SETTINGS["W8A8 static per-tensor, attention quantized"]))
+    bf16 = to_integer(calibrated(SETTINGS["W8A8 static per-tensor, attention quantized"])).to(torch.bfloat16)
+    layer = bf16.transformer_blocks[0].ff.net[2]
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32  # integer arithmetic kept
+    assert bf16.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight.dtype == torch.bfloat16
+    x, t, y = batch()
+    with torch.no_grad():
+        out, ref = bf16(x.bfloat16(), t, y).sample, fp32(x, t, y).sample
+    assert out.dtype == torch.bfloat16 and sqnr_db(ref, out.float()) > 15  # bf16 rounding in the float parts only
+
+
+@pytest.mark.slow
+def test_integer_model_runs_under_torch_compile():
+    integer = to_integer(calibrated(SETTINGS["W4A8 group 16 (weights and dynamic activations)"]))
+    with torch.no_grad():
+        eager = integer(*batch()).sample
+        compiled = torch.compile(integer)(*batch()).sample
+    # float operations reordered by inductor; a dynamic range that moves by an ulp can flip a code (measured 83 dB)
+    assert sqnr_db(eager, compiled) > 60
+
+
 def test_packed_storage_and_int8_weights():
     integer = to_integer(calibrated(SETTINGS["W4A8 static per-tensor"]))
     fc1 = integer.transformer_blocks[0].ff.net[0].proj

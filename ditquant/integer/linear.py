@@ -18,7 +18,13 @@ so the integer layer reproduces the fake-quantized one up to float summation ord
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +39,44 @@ from ditquant.quant.spec import QuantSpec
 from ditquant.quant.timesteps import current_rows, group_of
 
 INT8_SHIFT = 128  # unsigned 8-bit codes 0..255 -> int8 -128..127
+log = logging.getLogger(__name__)
 OPTIONAL_BUFFERS = ("weight_offset", "bias", "input_scale", "input_zero", "input_timestep_edges")
+
+
+@dataclass
+class RunOptions:
+    """How integer layers run (``run_options``; the speed benchmark's A/B switches them).
+
+    Args:
+        fused_quantization: quantize inputs with one kernel that torch.compile (inductor) generates for the
+            division, rounding, zero point, clamp and cast, instead of five eager passes; the same arithmetic, so
+            the same codes (tested). Compiled once per process and input rank (seconds, cached on disk by
+            inductor); where it cannot compile (no C++ compiler, no triton on CUDA) a warning, then eager.
+            ``DITQUANT_FUSED_QUANTIZATION=0`` turns it off.
+        keep_unpacked: unpack int4 weights once and keep the int8 copy (beside the packed one, which is what is
+            saved) instead of unpacking on every call.
+    """
+
+    fused_quantization: bool = os.environ.get("DITQUANT_FUSED_QUANTIZATION", "1") != "0"
+    keep_unpacked: bool = True
+
+
+RUN = RunOptions()
+
+
+@contextlib.contextmanager
+def run_options(**changes):
+    """Integer layers run with ``changes`` to ``RUN`` inside the block."""
+    saved = dataclasses.replace(RUN)
+    for name, value in changes.items():
+        if not hasattr(RUN, name):
+            raise TypeError(f"run_options: no option {name!r}")
+        setattr(RUN, name, value)
+    try:
+        yield RUN
+    finally:
+        for f in dataclasses.fields(RUN):
+            setattr(RUN, f.name, getattr(saved, f.name))
 
 
 def code_shift(spec: QuantSpec) -> int:
@@ -51,6 +94,38 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and a.shape[0] <= 16:
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - a.shape[0])), b)[: a.shape[0]]
     return torch._int_mm(a, b)
+
+
+def _eager_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """int8 codes: clamp(round(g / scale) + zero, lo, hi) — the fake quantizer's arithmetic, step for step."""
+    return torch.div(g, scale).round_().add_(zero).clamp_(lo, hi).to(torch.int8)
+
+
+def _pure_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    return torch.div(g, scale).round().add(zero).clamp(lo, hi).to(torch.int8)
+
+
+@functools.cache
+def _fused() -> Callable:
+    return torch.compile(_pure_codes, dynamic=True)
+
+
+def input_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``_eager_codes``, fused into one kernel if ``RUN.fused_quantization`` (see ``RunOptions``)."""
+    if RUN.fused_quantization and not torch.compiler.is_compiling():  # a compiled model fuses it by itself
+        try:
+            return _fused()(g, scale, zero, lo, hi)
+        except Exception as e:  # noqa: BLE001  (compilation unavailable here; the eager path computes the same)
+            log.warning("fused input quantization unavailable (%s: %s); eager from now on", type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")
+            RUN.fused_quantization = False
+    return _eager_codes(g, scale, zero, lo, hi)
+
+
+def _version_key(tensors) -> tuple:
+    """Changes whenever one of ``tensors`` is replaced or modified in place (what a derived cache depends on);
+    inference tensors (made under inference_mode) have no version counter."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
 
 
 class IntLinear(nn.Module):
@@ -92,14 +167,21 @@ class IntLinear(nn.Module):
         self.input_transforms = nn.ModuleList()
         self.branches = nn.ModuleList()
         self._cache: Optional[tuple[tuple, dict]] = None
+        self._unpacked: Optional[tuple[tuple, torch.Tensor]] = None
 
     # ---- weights ----
 
     def integer_weight(self) -> torch.Tensor:
-        """The int8 weight w − z_w (out, in) the GEMM reads (int4: unpacked on the fly, never kept)."""
+        """The int8 weight w − z_w (out, in) the GEMM reads (int4: unpacked, and kept while the packed weight does
+        not change if ``RUN.keep_unpacked``)."""
         if not self.packed:
             return self.weight
-        return unpack_int4(self.weight).view(torch.int8).sub_(self._per_channel(self.weight_zero))
+        key = _version_key((self.weight, self.weight_zero))
+        if RUN.keep_unpacked and self._unpacked is not None and self._unpacked[0] == key:
+            return self._unpacked[1]
+        w = unpack_int4(self.weight).view(torch.int8).sub_(self._per_channel(self.weight_zero))
+        self._unpacked = (key, w) if RUN.keep_unpacked else None
+        return w
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         """A per-group (out, groups) tensor repeated over each group's input channels: (out, in)."""
@@ -131,8 +213,7 @@ class IntLinear(nn.Module):
             g = grouped(x, spec, False)
             scale, zero = ((self.input_scale, self.input_zero) if not spec.dynamic else
                            qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec))
-        codes = torch.div(g, scale).round_().add_(zero - shift).clamp_(spec.qmin - shift, spec.qmax - shift)
-        codes = codes.to(torch.int8).reshape(-1, self.in_features)
+        codes = input_codes(g, scale, zero - shift, spec.qmin - shift, spec.qmax - shift).reshape(-1, self.in_features)
         groups = scale_groups(spec, self.in_features)
         scale, zero = scale.reshape(-1, groups), (zero - shift).reshape(-1, groups)
         if (spec.granularity == "sample" or self.input_timestep_edges is not None) and scale.shape[0] > 1:
@@ -148,7 +229,8 @@ class IntLinear(nn.Module):
     # ---- forward ----
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        dtype = x.dtype  # the model's float parts may run in bf16; this layer's pieces and rescale run in float32
+        x = x.float()
         if self.patch is not None:  # (B, C, H, W) -> (B·L, C·p·p) patches in the weight's (C, kh, kw) order
             batch, _, height, width = x.shape
             x = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
@@ -175,10 +257,8 @@ class IntLinear(nn.Module):
         """Per-output vectors of the rescale, per block (out, blocks), cached while no tensor they derive from
         changes: s_w, s_w·C_w, s_w·z_w and, for a static per-tensor activation range, c = s_a·s_w and
         d = −z_a·s_a·s_w·C_w (+ b)."""
-        tensors = (self.weight, self.weight_scale, self.weight_zero, self.weight_offset, self.input_scale,
-                   self.input_zero, self.bias)
-        # inference tensors (made under inference_mode) have no version counter
-        key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
+        key = _version_key((self.weight, self.weight_scale, self.weight_zero, self.weight_offset, self.input_scale,
+                            self.input_zero, self.bias))
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         blocks = self.in_features // self.block
@@ -246,6 +326,15 @@ class IntLinear(nn.Module):
             if saved is not None and getattr(self, name) is None:
                 setattr(self, name, torch.empty_like(saved))
         prepare_pieces(self, state_dict, prefix)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves everything; ``.to(dtype)`` (a model's float parts to bf16) leaves this layer's
+        float tensors (scales, zero points, bias, pieces) in float32: they are part of the integer arithmetic."""
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.prepare_for_state(state_dict, prefix)
