@@ -44,7 +44,7 @@ class EvalLoop:
         if self.backend == "integer" and self.integer_transformer is None:
             self._set_integer_transformer(to_integer(self.transformer))
         if self.integer_transformer is not None:
-            self.integer_transformer.to(self.device)
+            self.integer_transformer.to(self.device, self.integer_float_dtype)
         if self.vae is not None:
             self.vae.to(self.device)
         num_samples = self.trainer.datamodule.num_test_samples

@@ -55,13 +55,16 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
             been made with the same model and quant config. ``dit`` is then loaded only as the FP reference.
         allow_partial: let ``ditquant test`` evaluate a checkpoint whose calibration did not finish (refused by
             default); every output is then labelled partial, with the step it reached.
+        integer_float_dtype: the integer backend's float parts (attention, GELU, norms, embeddings, unquantized
+            layers): ``float32``, or ``bfloat16`` (faster on CPUs with bf16 support; the integer layers' own
+            arithmetic stays int8 / float32).
     """
 
     def __init__(self, dit: DiTSource = DiTSource(), quant: Optional[QuantConfig] = QuantConfig(),
                  sampler: SamplerConfig = SamplerConfig(), evaluation: EvaluationConfig = EvaluationConfig(),
                  reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[InputPath] = None,
                  backend: Literal["fake", "integer"] = "fake", load_integer: Optional[InputPath] = None,
-                 allow_partial: bool = False):
+                 allow_partial: bool = False, integer_float_dtype: Literal["float32", "bfloat16"] = "float32"):
         super().__init__()
         if quant is None and (reconstruction is not None or load_quantized is not None or load_integer is not None
                               or backend != "fake"):
@@ -69,6 +72,10 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
                             "null)")
         if backend not in BACKENDS:
             raise UserError(f"model.backend must be one of {BACKENDS}, got {backend!r}")
+        if integer_float_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"model.integer_float_dtype must be float32 or bfloat16, got {integer_float_dtype!r}")
+        if integer_float_dtype != "float32" and backend == "fake" and load_integer is None:
+            raise UserError("model.integer_float_dtype is for the integer backend (model.backend integer)")
         if load_integer is not None and load_quantized is not None:
             raise UserError("model.load_quantized and model.load_integer are exclusive: give one")
         self.dit_source, self.quant, self.sampler, self.evaluation = dit, quant, sampler, evaluation
@@ -78,6 +85,7 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         self._partial: Optional[dict] = None  # the progress of a partial checkpoint under test
         self.backend = "integer" if load_integer is not None else backend
         self.load_integer = None if load_integer is None else str(load_integer)
+        self.integer_float_dtype = getattr(torch, integer_float_dtype)
         self._integer: Optional[torch.nn.Module] = None
         self.automatic_optimization = False
         self.transformer: Optional[torch.nn.Module] = None

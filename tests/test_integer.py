@@ -259,7 +259,9 @@ def test_cli_fit_export_and_test_both_backends(tmp_path, monkeypatch):
     assert (root / "integer" / "integer.yaml").is_file()
     results = {}
     for name, extra in {"fake": [], "integer": ["--model.backend", "integer"],
-                        "exported": ["--model.load_integer", str(root / "integer")]}.items():
+                        "exported": ["--model.load_integer", str(root / "integer")],
+                        "bf16 float parts": ["--model.backend", "integer", "--model.integer_float_dtype",
+                                             "bfloat16"]}.items():
         out = tmp_path / name
         run("test", *common, "--trainer.default_root_dir", str(out), "--ckpt_path", str(root / "checkpoints/last.ckpt"),
             *extra) if name != "exported" else run("test", *common, "--trainer.default_root_dir", str(out), *extra)
@@ -271,6 +273,10 @@ def test_cli_fit_export_and_test_both_backends(tmp_path, monkeypatch):
         mse = np.mean((results[name][1] - fake_images) ** 2)
         assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 35, name  # the same images up to rare 1-level flips
     assert results["integer"][1].tobytes() == results["exported"][1].tobytes()
+    bf16_mse = np.mean((results["bf16 float parts"][1] - fake_images) ** 2)
+    assert 10 * np.log10(255 ** 2 / max(bf16_mse, 1e-12)) > 20  # bf16 rounding in attention, norms, embeddings
+    with pytest.raises(SystemExit, match="integer_float_dtype is for the integer backend"):
+        run("test", *common, "--model.integer_float_dtype", "bfloat16")
     with pytest.raises(SystemExit, match="different quant"):
         run("test", *common, "--trainer.default_root_dir", str(tmp_path / "bad"), "--model.load_integer",
             str(root / "integer"), "--model.quant.weight.bits", "8")

@@ -30,7 +30,8 @@ class DiTAdapter(Adapter):
         return load_dit(source)
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x, t, y).sample
+        # a model whose float parts run in another dtype (bf16) gets its input in it and gives float32 back
+        return model(x.to(model.dtype), t, y).sample.to(x.dtype)
 
     def timestep_of(self, args: tuple, kwargs: dict):
         return kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
