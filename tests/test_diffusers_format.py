@@ -147,6 +147,12 @@ def test_keep_float_and_bad_folders(tmp_path, caplog):
     expected = dq.to_integer(model, keep_float=(keep,))
     assert torch.equal(loaded(x, timestep=t, class_labels=y).sample, expected(x, timestep=t, class_labels=y).sample)
 
+    # torch_dtype casts the float parts only: the integer layers' scales stay as stored
+    half = DiTTransformer2DModel.from_pretrained(out, torch_dtype=torch.bfloat16)
+    layer = half.get_submodule("transformer_blocks.0.ff.net.2")
+    assert layer.weight_scale.dtype == torch.float32 and half.get_submodule(keep).weight.dtype == torch.bfloat16
+    assert half(x.bfloat16(), timestep=t, class_labels=y).sample.dtype == torch.bfloat16
+
     with pytest.raises(SystemExit, match="not a quantized layer"):
         run("export", str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "x"), "--keep-float",
             "pos_embed")
