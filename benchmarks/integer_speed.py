@@ -6,10 +6,11 @@
 Prints, each measured in this run with the variants interleaved (A/B/A/B…, median of the repeats):
 1. transformer forward time: fp32 eager, bf16 eager, integer W8A8 and W4A8 (static per-tensor asymmetric A8,
    asymmetric per-channel weights, every linear quantized as in PTQ4DiT; attention matmuls in float), and the
-   speedups of the integer models over fp32 and bf16. Each integer model runs three ways: as the integer layer ran
-   before its run options existed (eager input quantization, int4 unpacked per call: the A/B against the previous
-   main), with today's defaults (fused input quantization, int4 kept unpacked), and with its float parts
-   (attention, GELU, norms, embeddings, unquantized layers) in bf16;
+   speedups of the integer models over fp32 and bf16. Each integer model runs several ways: as the integer layer
+   ran before its run options existed (eager input quantization, int4 unpacked per call, ``torch._int_mm``: the
+   A/B against the previous main), with today's defaults (fused input quantization, oneDNN's quantized linear on
+   x86 with the GELU fused, int4 kept unpacked) and float parts in fp32, and with its float parts (attention, norms,
+   embeddings, unquantized layers) in bf16 — on CPU also with ``torch._int_mm`` in place of oneDNN;
 2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, next
    to the bare ``torch._int_mm`` vs fp32 matmul ratio (the limit the layer can reach);
 3. bytes: safetensors file of the fp32 model vs the integer W8 / W4 exports (whole model, and the quantized
@@ -44,7 +45,8 @@ from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec
 
 XL = DiTConfig.named("DiT-XL/2", input_size=32)
-BEFORE = {"fused_quantization": False, "keep_unpacked": False}  # the integer layer's run options before they existed
+BEFORE = {"fused_quantization": False, "keep_unpacked": False, "onednn": False}  # the integer layer before its
+# run options existed: eager input quantization, int4 unpacked per call, torch._int_mm
 
 
 def configs() -> dict[str, QuantConfig]:
@@ -199,16 +201,18 @@ def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quant
               f"1/{w0 / weights:.2f} | {peak / 2**20:.0f} MiB | 1/{p0 / max(peak, 1):.2f} |")
 
 
-def profile(model: torch.nn.Module, config: DiTConfig, batch: int) -> None:
+def profile(models: dict[str, tuple[torch.nn.Module, torch.dtype]], config: DiTConfig, batch: int) -> None:
+    """Top operators by self CPU time of each model's forward (name -> (model, input dtype))."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    args = inputs(config, batch, "cpu")
-    with torch.no_grad():
-        model(*args)
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    for name, (model, dtype) in models.items():
+        args = inputs(config, batch, "cpu", dtype)
+        with torch.no_grad():
             model(*args)
-    print(f"\n## integer W8A8 forward, batch {batch}: top operators by self CPU time\n")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(*args)
+        print(f"\n## {name} forward, batch {batch}: top operators by self CPU time\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def main() -> None:
@@ -241,14 +245,18 @@ def main() -> None:
     for name, m in integers.items():  # A/B: the layer as it ran before (eager quantization, int4 unpacked per call)
         models[f"{name} before (fp32 float parts)"] = (m.to(device), torch.float32, BEFORE)
         models[f"{name} (fp32 float parts)"] = (m, torch.float32, {})
-        models[f"{name} (bf16 float parts)"] = (copy.deepcopy(m).to(torch.bfloat16), torch.bfloat16, {})
+        bf16_parts = copy.deepcopy(m).to(torch.bfloat16)
+        if device == "cpu":
+            models[f"{name} (bf16 float parts, torch._int_mm)"] = (bf16_parts, torch.bfloat16, {"onednn": False})
+        models[f"{name} (bf16 float parts)"] = (bf16_parts, torch.bfloat16, {})
     forward_table(models, config, args.batch, args.repeats, device, sync)
     if device == "cpu":
         gemm_table(integers["W8A8"], config, max(args.batch), args.repeats)
         if not args.skip_bytes:
             bytes_table(fp, integers, quants, config)
         if args.profile:
-            profile(integers["W8A8"], config, 8 if 8 in args.batch else max(args.batch))
+            profile({"bf16": (bf16, torch.bfloat16), "integer W8A8, bf16 float parts": models["W8A8 (bf16 float parts)"][:2]}, config,
+                    8 if 8 in args.batch else max(args.batch))
 
 
 if __name__ == "__main__":

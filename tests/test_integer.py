@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr, sqnr_db
@@ -90,7 +91,8 @@ def test_integer_model_matches_fake_quantization(name):
         for q in quant_layers(model):  # layer by layer, on inputs of each layer's own width
             layer = integer.get_submodule(q.name)
             inp = torch.randn(3, 5, layer.in_features) if layer.patch is None else torch.randn(2, 4, 8, 8)
-            assert sqnr_db(q(inp), layer(inp)) > 90, q.name
+            expected = q(inp) if layer.gelu is None else F.gelu(q(inp), approximate=layer.gelu)  # fuse_gelu
+            assert sqnr_db(expected, layer(inp)) > 90, q.name
 
 
 def test_fused_input_quantization_gives_the_eager_codes():
@@ -280,3 +282,38 @@ def test_cli_fit_export_and_test_both_backends(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="different quant"):
         run("test", *common, "--trainer.default_root_dir", str(tmp_path / "bad"), "--model.load_integer",
             str(root / "integer"), "--model.quant.weight.bits", "8")
+
+
+@pytest.mark.parametrize("name", ["W8A8 static per-tensor, attention quantized", "W4A8 static per-tensor",
+                                  "W8A8 symmetric"])
+def test_onednn_quantized_linear_equals_int_mm(name):
+    """oneDNN's quantized linear (x86 CPUs) runs the static per-tensor layers: the same integer products as
+    ``torch._int_mm``, a rescale in another float order; asymmetric 8-bit weights get their zero point's term."""
+    import copy
+
+    from ditquant.integer.linear import onednn_linear_available, run_options
+
+    if not onednn_linear_available():
+        pytest.skip("no oneDNN quantized linear in this torch build / CPU")
+    integer = to_integer(calibrated(SETTINGS[name]))
+    fc2 = integer.transformer_blocks[0].ff.net[2]
+    x, t, y = batch()
+    with torch.no_grad():
+        with run_options(onednn=False):
+            ref = integer(x, t, y).sample
+        assert fc2._prepacked is None
+        with run_options(onednn=True):
+            out = integer(x, t, y).sample
+        assert fc2._prepacked is not None  # the path ran
+        assert sqnr_db(ref, out) > 100  # float rescale order only (the codes feeding each layer are equal)
+        with run_options(onednn=True, fused_quantization=True):  # the zero point's term + GELU + cast compiled
+            assert sqnr_db(out, integer(x, t, y).sample) > 100
+        copied = copy.deepcopy(integer)  # the oneDNN weight is a derived cache: dropped by copies, rebuilt on use
+        assert copied.transformer_blocks[0].ff.net[2]._prepacked is None
+        assert torch.equal(copied(x, t, y).sample, out)
+        bf16 = copy.deepcopy(integer).to(torch.bfloat16)
+        with run_options(onednn=False):
+            ref16 = bf16(x.bfloat16(), t, y).sample.float()
+        assert sqnr_db(ref16, bf16(x.bfloat16(), t, y).sample.float()) > 30  # bf16 float parts either way
+        fc2.weight_scale.mul_(2)  # a changed scale rebuilds the oneDNN constants
+        assert not torch.equal(integer(x, t, y).sample, out)

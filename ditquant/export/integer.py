@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ditquant.errors import UserError
-from ditquant.integer.convert import integer_shell
+from ditquant.integer.convert import fuse_gelu, integer_shell
 from ditquant.integer.linear import IntLinear
 from ditquant.io import atomic_write, check_same, committed_folder, verify_folder, yaml_plain
 from ditquant.models.dit import DiTConfig, build_dit, config_of
@@ -69,7 +69,7 @@ def integer_skeleton(model: nn.Module, quant: QuantConfig, keep_float: tuple[str
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child,
                         q.layer if name in keep_float else integer_shell(q))
-    return model
+    return fuse_gelu(model)
 
 
 def assign_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from diffusers.models.activations import GELU
 from torch import nn
 
 from ditquant.errors import UserError
@@ -78,6 +79,30 @@ def to_integer_layer(q: QuantLayer) -> IntLinear:
     return out
 
 
+class FusedGELU(nn.Module):
+    """diffusers' ``GELU`` activation (a linear, then GELU) whose linear is an IntLinear: the IntLinear applies the
+    GELU itself, inside oneDNN's GEMM where that runs (a post-op on the float32 result, which saves a pass over the
+    block's widest activation). The linear keeps its name, so the state dict is unchanged."""
+
+    def __init__(self, proj: IntLinear, approximate: str):
+        super().__init__()
+        self.proj = proj
+        proj.gelu = approximate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+def fuse_gelu(model: nn.Module) -> nn.Module:
+    """Replace, in place, each diffusers ``GELU`` whose linear is an IntLinear by ``FusedGELU``; returns ``model``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GELU) and isinstance(module.proj, IntLinear) and module.approximate in ("none", "tanh"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    FusedGELU(module.proj, module.approximate))
+    return model
+
+
 def to_integer(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -> nn.Module:
     """A copy of a calibrated quantized ``model`` with every QuantLayer replaced by its IntLinear, except the
     ``keep_float`` ones (layer names), which become their floating-point layer again (with the weights the methods
@@ -98,4 +123,4 @@ def to_integer(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -
                             "low-rank); it can only run as an integer layer")
         else:
             memo[id(q)] = copy.deepcopy(q.layer)
-    return copy.deepcopy(model, memo)
+    return fuse_gelu(copy.deepcopy(model, memo))

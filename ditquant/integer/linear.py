@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -55,10 +56,16 @@ class RunOptions:
             ``DITQUANT_FUSED_QUANTIZATION=0`` turns it off.
         keep_unpacked: unpack int4 weights once and keep the int8 copy (beside the packed one, which is what is
             saved) instead of unpacking on every call.
+        onednn: on x86 CPUs, run layers with a static per-tensor activation range and one scale per output channel
+            as oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``): the int8 weight is reordered
+            once into oneDNN's blocked layout (AMX / VNNI) and kept beside the stored one, and the rescale, bias
+            and cast to the output dtype run inside the GEMM. Same integer products; the float rescale is oneDNN's
+            (outputs equal ``torch._int_mm``'s up to float rounding). Off: ``torch._int_mm`` everywhere.
     """
 
     fused_quantization: bool = os.environ.get("DITQUANT_FUSED_QUANTIZATION", "1") != "0"
     keep_unpacked: bool = True
+    onednn: bool = True
 
 
 RUN = RunOptions()
@@ -96,30 +103,48 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)
 
 
-def _eager_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """int8 codes: clamp(round(g / scale) + zero, lo, hi) — the fake quantizer's arithmetic, step for step."""
-    return torch.div(g, scale).round_().add_(zero).clamp_(lo, hi).to(torch.int8)
+def _eager_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int,
+                 dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """Codes clamp(round(g / scale) + zero, lo, hi) as ``dtype``, computed in float32 whatever g's dtype — the fake
+    quantizer's arithmetic, step for step."""
+    return torch.div(g.float(), scale).round_().add_(zero).clamp_(lo, hi).to(dtype)
 
 
-def _pure_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    return torch.div(g, scale).round().add(zero).clamp(lo, hi).to(torch.int8)
+def _eager_corrected(y: torch.Tensor, u: torch.Tensor, offset: torch.Tensor, gelu: Optional[str],
+                     dtype: torch.dtype) -> torch.Tensor:
+    """y − u ⊗ offset (the weight zero point's term), then the fused GELU if any, as ``dtype``."""
+    y = torch.addr(y, u, offset, alpha=-1)
+    return (y if gelu is None else F.gelu(y, approximate=gelu)).to(dtype)
 
 
 @functools.cache
-def _fused() -> Callable:
-    return torch.compile(_pure_codes, dynamic=True)
+def _fused(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=True)
 
 
-def input_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``_eager_codes``, fused into one kernel if ``RUN.fused_quantization`` (see ``RunOptions``)."""
+def _maybe_fused(fn: Callable, *args):
+    """``fn(*args)``, compiled into one kernel if ``RUN.fused_quantization`` (see ``RunOptions``)."""
     if RUN.fused_quantization and not torch.compiler.is_compiling():  # a compiled model fuses it by itself
         try:
-            return _fused()(g, scale, zero, lo, hi)
-        except Exception as e:  # noqa: BLE001  (compilation unavailable here; the eager path computes the same)
-            log.warning("fused input quantization unavailable (%s: %s); eager from now on", type(e).__name__,
+            return _fused(fn)(*args)
+        except (RuntimeError, OSError) as e:  # compilation unavailable here (inductor's errors are RuntimeErrors)
+            log.warning("fused integer kernels unavailable (%s: %s); eager from now on", type(e).__name__,
                         str(e).splitlines()[0][:200] if str(e) else "")
             RUN.fused_quantization = False
-    return _eager_codes(g, scale, zero, lo, hi)
+    return fn(*args)
+
+
+def input_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int,
+                dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """``_eager_codes``, fused into one kernel if ``RUN.fused_quantization``."""
+    return _maybe_fused(_eager_codes, g, scale, zero, lo, hi, dtype)
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's quantized linear for x86 CPUs."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
 
 
 def _version_key(tensors) -> tuple:
@@ -166,22 +191,32 @@ class IntLinear(nn.Module):
             self.register_buffer(name_, None)
         self.input_transforms = nn.ModuleList()
         self.branches = nn.ModuleList()
+        self.gelu: Optional[str] = None  # a GELU that follows this layer, run by it (its ``approximate``; fuse_gelu)
         self._cache: Optional[tuple[tuple, dict]] = None
         self._unpacked: Optional[tuple[tuple, torch.Tensor]] = None
+        self._prepacked: Optional[tuple[tuple, torch.Tensor]] = None  # oneDNN's blocked copy of the int8 weight
+
+    def __getstate__(self):  # copies and pickles drop the derived caches (a oneDNN tensor has no storage to copy)
+        return {**self.__dict__, "_cache": None, "_unpacked": None, "_prepacked": None}
 
     # ---- weights ----
 
     def integer_weight(self) -> torch.Tensor:
         """The int8 weight w − z_w (out, in) the GEMM reads (int4: unpacked, and kept while the packed weight does
-        not change if ``RUN.keep_unpacked``)."""
+        not change if ``RUN.keep_unpacked``; in a compiled graph, unpacked in it)."""
         if not self.packed:
             return self.weight
+        if torch.compiler.is_compiling():  # no cache there: dynamo would guard on its key and recompile per layer
+            return self._unpack()
         key = _version_key((self.weight, self.weight_zero))
         if RUN.keep_unpacked and self._unpacked is not None and self._unpacked[0] == key:
             return self._unpacked[1]
-        w = unpack_int4(self.weight).view(torch.int8).sub_(self._per_channel(self.weight_zero))
+        w = self._unpack()
         self._unpacked = (key, w) if RUN.keep_unpacked else None
         return w
+
+    def _unpack(self) -> torch.Tensor:
+        return unpack_int4(self.weight).view(torch.int8).sub_(self._per_channel(self.weight_zero))
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         """A per-group (out, groups) tensor repeated over each group's input channels: (out, in)."""
@@ -211,8 +246,11 @@ class IntLinear(nn.Module):
             scale, zero = self.input_scale[group], self.input_zero[group]
         else:
             g = grouped(x, spec, False)
-            scale, zero = ((self.input_scale, self.input_zero) if not spec.dynamic else
-                           qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec))
+            if spec.dynamic:
+                g = g.float()
+                scale, zero = qparams_from_range(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), spec)
+            else:
+                scale, zero = self.input_scale, self.input_zero
         codes = input_codes(g, scale, zero - shift, spec.qmin - shift, spec.qmax - shift).reshape(-1, self.in_features)
         groups = scale_groups(spec, self.in_features)
         scale, zero = scale.reshape(-1, groups), (zero - shift).reshape(-1, groups)
@@ -230,7 +268,8 @@ class IntLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype  # the model's float parts may run in bf16; this layer's pieces and rescale run in float32
-        x = x.float()
+        if self.patch is not None or len(self.input_transforms) or len(self.branches) or not self.input_spec.enabled:
+            x = x.float()  # otherwise the quantization kernel reads x as it is and computes in float32
         if self.patch is not None:  # (B, C, H, W) -> (B·L, C·p·p) patches in the weight's (C, kh, kw) order
             batch, _, height, width = x.shape
             x = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)
@@ -241,28 +280,34 @@ class IntLinear(nn.Module):
             xq = x.reshape(-1, self.in_features)
             y = F.linear(xq, self.dequantized_weight(), self.bias)
         else:
-            codes, scale, zero = self.quantize_input(x.float())
-            y = self._integer_matmul(codes, scale, zero)
+            codes, scale, zero = self.quantize_input(x)
+            fused_gelu = None if len(self.branches) else self.gelu  # branches are added before the GELU
+            y = self._integer_matmul(codes, scale, zero, torch.float32 if len(self.branches) else dtype, fused_gelu)
             if any(b.reads == "quantized" for b in self.branches):  # those branches read the dequantized input
                 xq = ((codes.float().view(codes.shape[0], scale.shape[1], -1) - zero[..., None]) * scale[..., None]
                       ).view(codes.shape)
         for branch in self.branches:
             y = y + branch(xq if branch.reads == "quantized" else x.reshape(-1, self.in_features))
+        if self.gelu is not None and (len(self.branches) or not self.input_spec.enabled):
+            y = F.gelu(y, approximate=self.gelu)
         y = y.reshape(*lead, self.out_features)
         if self.patch is not None:
             y = y.transpose(1, 2).reshape(batch, self.out_features, height // self.patch, width // self.patch)
         return y.to(dtype)
 
-    def _constants(self, w: torch.Tensor) -> dict:
+    def _constants(self) -> dict:
         """Per-output vectors of the rescale, per block (out, blocks), cached while no tensor they derive from
         changes: s_w, s_w·C_w, s_w·z_w and, for a static per-tensor activation range, c = s_a·s_w and
-        d = −z_a·s_a·s_w·C_w (+ b)."""
-        key = _version_key((self.weight, self.weight_scale, self.weight_zero, self.weight_offset, self.input_scale,
-                            self.input_zero, self.bias))
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        d = −z_a·s_a·s_w·C_w (+ b). In a compiled graph they are computed in it (see ``integer_weight``)."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            key = _version_key((self.weight, self.weight_scale, self.weight_zero, self.weight_offset,
+                                self.input_scale, self.input_zero, self.bias))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
         blocks = self.in_features // self.block
         w_scale = self._blockwise(self.weight_scale, blocks)
+        w = self.integer_weight()
         sums = w.view(self.out_features, blocks, self.block).sum(-1, dtype=torch.int32).float()
         constants = {"w_scale": w_scale, "sums": w_scale * sums, "offset": None, "c": None, "d": None}
         if self.weight_offset is not None:
@@ -274,23 +319,60 @@ class IntLinear(nn.Module):
             constants["d"] = -zero * scale * constants["sums"]
             if self.bias is not None and blocks == 1:
                 constants["d"] = constants["d"] + self.bias[:, None]
-        self._cache = (key, constants)
+        if not compiling:
+            self._cache = (key, constants)
         return constants
 
-    def _integer_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        w = self.integer_weight()
-        k = self._constants(w)
+    def _integer_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out_dtype: torch.dtype,
+                        gelu: Optional[str]) -> torch.Tensor:
+        """The rescaled output (tokens, out), in ``out_dtype`` or float32, with ``gelu`` (an ``approximate``)
+        applied if given."""
+        k = self._constants()
         blocks = self.in_features // self.block
+        if blocks == 1 and self._runs_onednn(codes):
+            return self._onednn_matmul(codes, scale, zero, k, out_dtype, gelu)
+        w = self.integer_weight()
         if blocks == 1:
-            return self._scaled(int_mm(codes, w.t()), codes, scale, zero, k, 0, with_bias=True)
-        scale, zero = self._blockwise(scale, blocks), self._blockwise(zero, blocks)
-        y = None
-        for b in range(blocks):
-            cols = slice(b * self.block, (b + 1) * self.block)
-            a = codes[:, cols].contiguous()
-            part = self._scaled(int_mm(a, w[:, cols].t()), a, scale[:, b:b + 1], zero[:, b:b + 1], k, b, False)
-            y = part if y is None else y.add_(part)
-        return y if self.bias is None else y.add_(self.bias)
+            y = self._scaled(int_mm(codes, w.t()), codes, scale, zero, k, 0, with_bias=True)
+        else:
+            scale, zero = self._blockwise(scale, blocks), self._blockwise(zero, blocks)
+            y = None
+            for b in range(blocks):
+                cols = slice(b * self.block, (b + 1) * self.block)
+                a = codes[:, cols].contiguous()
+                part = self._scaled(int_mm(a, w[:, cols].t()), a, scale[:, b:b + 1], zero[:, b:b + 1], k, b, False)
+                y = part if y is None else y.add_(part)
+            y = y if self.bias is None else y.add_(self.bias)
+        return y if gelu is None else F.gelu(y, approximate=gelu)
+
+    def _runs_onednn(self, codes: torch.Tensor) -> bool:
+        """``RUN.onednn`` applies: x86 CPU, eager, one static activation range; and a reduction length that fills
+        oneDNN's int8 tiles (64 bytes): it runs a reference kernel, about 500× slower, for the 16-channel patches."""
+        return (RUN.onednn and codes.device.type == "cpu" and self.in_features % 64 == 0
+                and self.input_timestep_edges is None
+                and self.input_scale is not None and self.input_scale.numel() == 1
+                and not torch.compiler.is_compiling() and onednn_linear_available())
+
+    def _onednn_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: dict,
+                       out_dtype: torch.dtype, gelu: Optional[str]) -> torch.Tensor:
+        key = _version_key((self.weight, self.weight_zero, self.weight_scale, self.input_scale, self.input_zero))
+        if self._prepacked is None or self._prepacked[0] != key:
+            w = self._unpack() if self.packed else self.weight  # the unpacked copy is not kept: oneDNN's is
+            self._prepacked = (key, {
+                "weight": torch.ops.onednn.qlinear_prepack(w, None),
+                "w_scale": self.weight_scale[:, 0].float().contiguous(),
+                "w_zero": torch.zeros(self.out_features, dtype=torch.int64, device=w.device),  # w − z_w is stored
+                "x_scale": float(self.input_scale.reshape(())), "x_zero": int(zero.reshape(()))})
+        p = self._prepacked[1]
+        if k["offset"] is None:  # the GELU runs on the float32 result inside the GEMM (a oneDNN post-op)
+            return torch.ops.onednn.qlinear_pointwise(
+                codes, p["x_scale"], p["x_zero"], p["weight"], p["w_scale"], p["w_zero"], self.bias, 1.0, 0,
+                out_dtype, "none" if gelu is None else "gelu", [], "" if gelu is None else gelu)
+        y = torch.ops.onednn.qlinear_pointwise(codes, p["x_scale"], p["x_zero"], p["weight"], p["w_scale"],
+                                               p["w_zero"], self.bias, 1.0, 0, torch.float32, "none", [], "")
+        # oneDNN took the weights as w − 128: the zero point's term, GELU and cast in one fused pass
+        return _maybe_fused(_eager_corrected, y, self._centred_row_sums(codes, scale, zero), k["offset"][:, 0],
+                            gelu, out_dtype)
 
     def _scaled(self, acc: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: dict,
                 b: int, with_bias: bool) -> torch.Tensor:
@@ -311,12 +393,21 @@ class IntLinear(nn.Module):
             if with_bias and self.bias is not None:
                 y.add_(self.bias)
         if k["offset"] is not None:
-            # R_a per token as a GEMM against a ones column (several times faster than an int8 row sum)
-            ones = torch.ones(codes.shape[1], 8, dtype=torch.int8, device=codes.device)
-            row_sums = int_mm(codes, ones)[:, 0].float()
-            u = (row_sums - codes.shape[1] * zero[:, 0]) * scale[:, 0]
-            y.addr_(u, k["offset"][:, b], alpha=-1)
+            self._offset_correction(y, codes, scale, zero, k["offset"][:, b])
         return y
+
+    @staticmethod
+    def _centred_row_sums(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """s_a (R_a − k z_a) per token: what the weight zero point multiplies (asymmetric 8-bit weights)."""
+        # R_a per token as a GEMM against a ones column (several times faster than an int8 row sum)
+        ones = torch.ones(codes.shape[1], 8, dtype=torch.int8, device=codes.device)
+        row_sums = int_mm(codes, ones)[:, 0].float()
+        return (row_sums - codes.shape[1] * zero[:, 0]) * scale[:, 0]
+
+    def _offset_correction(self, y: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           offset: torch.Tensor) -> None:
+        """y −= s_a (R_a − k z_a) ⊗ s_w z_w, in place."""
+        y.addr_(self._centred_row_sums(codes, scale, zero), offset, alpha=-1)
 
     def prepare_for_state(self, state_dict: dict, prefix: str) -> None:
         """Create the optional buffers and the pieces that ``state_dict`` holds for this layer (empty, shaped like
