@@ -85,6 +85,15 @@ class DitQuantConfig(QuantizationConfigMixin):
         return quant_config_from_dict(self.quant)
 
 
+def _owner(key: str, modules) -> str | None:
+    """The shortest module name among ``modules`` (a set or dict of names) that ``key`` lies under, if any."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        if (prefix := ".".join(parts[:i])) in modules:
+            return prefix
+    return None
+
+
 class DitQuantizer(DiffusersQuantizer):
     """Loads a ditquant integer model: ``preprocess_model`` turns the empty (meta) model into the integer skeleton,
     every tensor of a ditquant module is then assigned exactly as stored (``create_quantized_param``)."""
@@ -126,10 +135,13 @@ class DitQuantizer(DiffusersQuantizer):
                             "name layers exported in floating point (ditquant export --keep-float)")
         integer_skeleton(model, config.quant_config, keep_float=self.modules_to_not_convert)
         stored = _stored_shapes(self.checkpoint_files)
-        for name, module in model.named_modules():
-            if isinstance(module, IntLinear):
-                module.prepare_for_state({k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in stored.items()
-                                          if k.startswith(name + ".")}, name + ".")
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, IntLinear)}
+        per_layer: dict[str, dict] = {name: {} for name in layers}
+        for key, (shape, dtype) in stored.items():
+            if (owner := _owner(key, layers)) is not None:
+                per_layer[owner][key] = torch.empty(shape, dtype=dtype, device="meta")
+        for name, layer in layers.items():
+            layer.prepare_for_state(per_layer[name], name + ".")
         if integer_layout(model) != config.layers:
             raise UserError(f"{where}: the integer layers its quantization_config describes do not match the model "
                             "it builds (made by another ditquant version or edited by hand)")
@@ -139,8 +151,8 @@ class DitQuantizer(DiffusersQuantizer):
             shapes = [k for k in expected.keys() & stored.keys() if expected[k] != stored[k][0]]
             raise UserError(f"{where}: the weights were not made for this architecture and quant config (missing "
                             f"{missing[:3]}, unexpected {extra[:3]}, other shapes {sorted(shapes)[:3]})")
-        owners = [name for name, m in model.named_modules() if isinstance(m, (IntLinear, QuantLayer))]
-        self.exact_keys = {k for k in expected if any(k.startswith(o + ".") for o in owners)}
+        owners = {name for name, m in model.named_modules() if isinstance(m, (IntLinear, QuantLayer))}
+        self.exact_keys = {k for k in expected if _owner(k, owners) is not None}
         return model
 
     def check_if_quantized_param(self, model: nn.Module, param_value: torch.Tensor, param_name: str,
