@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--blocks-only", action="store_true", help="per-block SQNR only (no integer test run)")
+    p.add_argument("--fp-reference", type=Path, help="an FP test folder for the integer runs' FID / PSNR vs FP "
+                   "(model.evaluation.fp_reference) instead of sampling the FP model again")
     args = p.parse_args()
     rows = []
     for run in args.runs:
@@ -68,18 +70,21 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "ditquant", "test", "--config", str(config), "--model.backend",
                             "integer", "--trainer.default_root_dir", str(out), "--ckpt_path",
                             str(run / "checkpoints" / "last.ckpt"), "--data.num_test_samples", str(args.num_samples),
-                            "--trainer.enable_progress_bar", "false"], check=True)
+                            "--trainer.enable_progress_bar", "false",
+                            *(["--model.evaluation.fp_reference", str(args.fp_reference)] if args.fp_reference else [])],
+                           check=True)
         integer = json.loads((out / "test" / "metrics.json").read_text())
         rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer))
     if not rows:
         return
     print(f"\n{args.num_samples} samples; block SQNR over {len(sqnr)} block calls per run\n")
-    print("| run | block SQNR min / mean (dB) | FID vs data fake / integer | FID vs FP fake / integer "
+    print("| run | block SQNR min / mean (dB) | FID vs data fake / integer (difference) | FID vs FP fake / integer "
           "| PSNR vs FP fake / integer (dB) |")
     print("|---|---|---|---|---|")
     for name, lo, mean, f, i in rows:
-        print(f"| {name} | {lo:.1f} / {mean:.1f} | {f['fid_vs_data']:.2f} / {i['fid_vs_data']:.2f} | "
-              f"{f['fid_vs_fp']:.3f} / {i['fid_vs_fp']:.3f} | {f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |")
+        print(f"| {name} | {lo:.1f} / {mean:.1f} | {f['fid_vs_data']:.3f} / {i['fid_vs_data']:.3f} "
+              f"({i['fid_vs_data'] - f['fid_vs_data']:+.3f}) | {f['fid_vs_fp']:.3f} / {i['fid_vs_fp']:.3f} | "
+              f"{f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |")
 
 
 if __name__ == "__main__":
