@@ -5,14 +5,15 @@
 
 Prints, each measured in this run with the variants interleaved (A/B/A/B…, median of the repeats):
 1. transformer forward time: fp32 eager, bf16 eager, integer W8A8 and W4A8 (static per-tensor asymmetric A8,
-   asymmetric per-channel weights, every linear quantized as in PTQ4DiT; attention matmuls in float), and the
-   speedups of the integer models over fp32 and bf16. Each integer model runs several ways: as the integer layer
+   asymmetric per-channel weights, every linear quantized as in PTQ4DiT; attention matmuls in float) and W8A8 with
+   symmetric per-channel weights (no weight zero point), and the speedups of the integer models over fp32 and
+   bf16. Each integer model runs several ways: as the integer layer
    ran before its run options existed (eager input quantization, int4 unpacked per call, ``torch._int_mm``: the
    A/B against the previous main), with today's defaults (fused input quantization, oneDNN's quantized linear on
    x86 with the GELU fused, int4 kept unpacked) and float parts in fp32, and with its float parts (attention, norms,
    embeddings, unquantized layers) in bf16 — on CPU also with ``torch._int_mm`` in place of oneDNN;
-2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, next
-   to the bare ``torch._int_mm`` vs fp32 matmul ratio (the limit the layer can reach);
+2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, and
+   with bf16 input and output vs F.linear bf16, next to the bare ``torch._int_mm`` vs fp32 matmul ratio;
 3. bytes: safetensors file of the fp32 model vs the integer W8 / W4 exports (whole model, and the quantized
    weights alone), and the peak memory of a process that loads each file and runs one forward (batch 1).
 With ``--device cuda`` the float baselines are bf16 eager and bf16 + torch.compile.
@@ -51,8 +52,12 @@ BEFORE = {"fused_quantization": False, "keep_unpacked": False, "onednn": False} 
 
 def configs() -> dict[str, QuantConfig]:
     act = QuantSpec(bits=8, symmetric=False, granularity="tensor")
-    return {f"W{b}A8": QuantConfig(weight=QuantSpec(bits=b, symmetric=False, granularity="channel"), activation=act)
-            for b in (8, 4)}
+    quants = {f"W{b}A8": QuantConfig(weight=QuantSpec(bits=b, symmetric=False, granularity="channel"), activation=act)
+              for b in (8, 4)}
+    # without a weight zero point: asymmetric 8-bit weights need a per-token correction the int8 GEMM cannot fuse
+    quants["W8A8 symmetric weights"] = QuantConfig(weight=QuantSpec(bits=8, symmetric=True, granularity="channel"),
+                                                   activation=act)
+    return quants
 
 
 def random_xl(config: DiTConfig, seed: int = 0) -> torch.nn.Module:
@@ -126,24 +131,30 @@ def forward_table(models: dict, config: DiTConfig, batches: list[int], repeats: 
 def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: int) -> None:
     tokens = batch * (config.input_size // config.patch_size) ** 2
     block = model.transformer_blocks[0]
-    layers = {"qkv (to_q)": block.attn1.to_q, "attn out": block.attn1.to_out[0], "fc1": block.ff.net[0].proj,
-              "fc2": block.ff.net[2]}
+    layers = {"qkv (to_q)": block.attn1.to_q, "attn out": block.attn1.to_out[0],
+              "fc1 + GELU": block.ff.net[0].proj, "fc2": block.ff.net[2]}
     print(f"\n## per GEMM, {tokens} tokens (batch {batch}); speedup over F.linear fp32\n")
-    print("| layer | shape | IntLinear | bare _int_mm (limit) |")
-    print("|---|---|---|---|")
+    print("| layer | shape | IntLinear vs fp32 | IntLinear vs bf16 | bare _int_mm vs fp32 |")
+    print("|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
         assert isinstance(layer, IntLinear)
         x = torch.randn(tokens, layer.in_features, generator=g)
         w = layer.dequantized_weight()
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), None if layer.bias is None else layer.bias.bfloat16()
         a8 = torch.randint(-128, 127, (tokens, layer.in_features), dtype=torch.int8, generator=g)
         w8 = layer.integer_weight()
+        def linear(x, w, b, gelu=layer.gelu):  # the float layer, with the GELU the integer one runs (fc1)
+            y = F.linear(x, w, b)
+            return y if gelu is None else F.gelu(y, approximate=gelu)
+
         with torch.no_grad():
-            t = interleaved({"fp32": lambda: F.linear(x, w, layer.bias), "int": lambda: layer(x),
+            t = interleaved({"fp32": lambda: linear(x, w, layer.bias), "int": lambda: layer(x),
+                             "bf16": lambda: linear(xb, wb, bb), "int bf16": lambda: layer(xb),
                              "mm32": lambda: x @ w.t(), "mm8": lambda: torch._int_mm(a8, w8.t())}, repeats,
                             lambda: None)
         print(f"| {name} | {tokens}×{layer.in_features}×{layer.out_features} | {t['fp32'] / t['int']:.2f}× | "
-              f"{t['mm32'] / t['mm8']:.2f}× |")
+              f"{t['bf16'] / t['int bf16']:.2f}× | {t['mm32'] / t['mm8']:.2f}× |")
 
 
 _PEAK = """
@@ -151,7 +162,9 @@ import json, sys, torch
 from safetensors.torch import load_file
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.export.integer import assign_state, load_integer
+from ditquant.integer.linear import run_options
 kind, path, config = sys.argv[1], sys.argv[2], DiTConfig(**json.loads(sys.argv[3]))
+options = json.loads(sys.argv[4])
 import os
 imported = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # resident after imports
 if kind == "fp32":
@@ -161,7 +174,7 @@ if kind == "fp32":
 elif kind == "integer":
     model = load_integer(path)
 g = torch.Generator().manual_seed(0)
-with torch.no_grad():
+with torch.no_grad(), run_options(**options):
     model(torch.randn(1, 4, 32, 32, generator=g), torch.tensor([500]), torch.tensor([1]))
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) * 1024
@@ -169,9 +182,9 @@ print(hwm - imported)
 """
 
 
-def peak_rss(kind: str, path: str, config: DiTConfig) -> int:
-    out = subprocess.run([sys.executable, "-c", _PEAK, kind, path, json.dumps(config.to_dict())], check=True,
-                         capture_output=True, text=True)
+def peak_rss(kind: str, path: str, config: DiTConfig, options: dict | None = None) -> int:
+    out = subprocess.run([sys.executable, "-c", _PEAK, kind, path, json.dumps(config.to_dict()),
+                          json.dumps(options or {})], check=True, capture_output=True, text=True)
     return int(out.stdout.split()[-1])
 
 
@@ -191,6 +204,9 @@ def bytes_table(fp: torch.nn.Module, integers: dict[str, torch.nn.Module], quant
             weights = sum(m.weight_bytes for m in model.modules() if isinstance(m, IntLinear))
             rows.append((name, (folder / "model.safetensors").stat().st_size, weights,
                          peak_rss("integer", str(folder), config)))
+            if model.transformer_blocks[0].ff.net[2].packed:  # int4 held packed at run time: memory over speed
+                rows.append((f"{name}, keep_unpacked off", rows[-1][1], weights,
+                             peak_rss("integer", str(folder), config, {"keep_unpacked": False})))
     print("\n## bytes (peak memory: a process's peak resident set while it loads the file and runs one batch-1 "
           "forward, minus its resident set after importing torch)\n")
     print("| model | file | ratio | quantized weights | ratio | peak RSS | ratio |")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr, sqnr_db
-from ditquant.integer.convert import to_integer, to_integer_layer
+from ditquant.integer.convert import FusedGELU, to_integer, to_integer_layer
 from ditquant.export.integer import load_integer, save_integer
 from ditquant.integer.linear import IntLinear
 from ditquant.integer.packing import pack_int4, unpack_int4
@@ -205,6 +205,7 @@ def test_export_load_round_trip_and_mismatches(tmp_path):
     save_integer(integer, tmp_path / "int", DiTSource(), config)
     loaded = load_integer(tmp_path / "int", config, tiny_config())
     assert not any(t.is_meta for t in loaded.state_dict().values())
+    assert all(isinstance(b.ff.net[0], FusedGELU) for m in (integer, loaded) for b in m.transformer_blocks)
     x, t, y = batch()
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y).sample, integer(x, t, y).sample)
@@ -317,3 +318,8 @@ def test_onednn_quantized_linear_equals_int_mm(name):
         assert sqnr_db(ref16, bf16(x.bfloat16(), t, y).sample.float()) > 30  # bf16 float parts either way
         fc2.weight_scale.mul_(2)  # a changed scale rebuilds the oneDNN constants
         assert not torch.equal(integer(x, t, y).sample, out)
+        if fc2.packed:  # int4 held packed (memory over speed): no unpacked copy, oneDNN's or ours
+            lean = to_integer(calibrated(SETTINGS[name]))
+            with run_options(keep_unpacked=False):
+                lean(x, t, y)
+            assert all(m._prepacked is None and m._unpacked is None for m in lean.modules() if isinstance(m, IntLinear))

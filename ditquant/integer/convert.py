@@ -106,7 +106,8 @@ def fuse_gelu(model: nn.Module) -> nn.Module:
 def to_integer(model: nn.Module, keep_float: tuple[str, ...] | list[str] = ()) -> nn.Module:
     """A copy of a calibrated quantized ``model`` with every QuantLayer replaced by its IntLinear, except the
     ``keep_float`` ones (layer names), which become their floating-point layer again (with the weights the methods
-    left in them); the rest (embeddings, norms, unquantized layers, attention processors) is copied as is.
+    left in them); each diffusers ``GELU`` around an IntLinear becomes ``FusedGELU``; the rest (embeddings, norms,
+    unquantized layers, attention processors) is copied as is.
     ``model`` is not changed."""
     layers = [q for q in quant_layers(model) if q.weight_quantizer.spec.enabled]
     if not layers:

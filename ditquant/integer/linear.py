@@ -1,4 +1,5 @@
-"""IntLinear: a calibrated QuantLayer as integers — int8 or packed int4 weights, int8 activations, ``torch._int_mm``.
+"""IntLinear: a calibrated QuantLayer as integers — int8 or packed int4 weights, int8 activations, int8 GEMMs
+(``torch._int_mm``, or oneDNN's quantized linear on x86 CPUs: ``RunOptions``).
 
 With activation codes a (zero point z_a) and weight codes w (zero point z_w), over k input channels sharing one
 activation scale s_a and one weight scale s_w:
@@ -55,7 +56,8 @@ class RunOptions:
             inductor); where it cannot compile (no C++ compiler, no triton on CUDA) a warning, then eager.
             ``DITQUANT_FUSED_QUANTIZATION=0`` turns it off.
         keep_unpacked: unpack int4 weights once and keep the int8 copy (beside the packed one, which is what is
-            saved) instead of unpacking on every call.
+            saved; in oneDNN's layout where ``onednn`` runs the layer) instead of unpacking on every call. Off: the
+            run-time memory of int4 weights is the packed bytes, at the cost of speed.
         onednn: on x86 CPUs, run layers with a static per-tensor activation range and one scale per output channel
             as oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``): the int8 weight is reordered
             once into oneDNN's blocked layout (AMX / VNNI) and kept beside the stored one, and the rescale, bias
@@ -307,7 +309,7 @@ class IntLinear(nn.Module):
                 return self._cache[1]
         blocks = self.in_features // self.block
         w_scale = self._blockwise(self.weight_scale, blocks)
-        w = self.integer_weight()
+        w = self._unpack() if self.packed else self.weight  # not kept: the oneDNN path keeps its own copy
         sums = w.view(self.out_features, blocks, self.block).sum(-1, dtype=torch.int32).float()
         constants = {"w_scale": w_scale, "sums": w_scale * sums, "offset": None, "c": None, "d": None}
         if self.weight_offset is not None:
@@ -349,9 +351,10 @@ class IntLinear(nn.Module):
         """``RUN.onednn`` applies: x86 CPU, eager, one static activation range; and a reduction length that fills
         oneDNN's int8 tiles (64 bytes): it runs a reference kernel, about 500× slower, for the 16-channel patches."""
         return (RUN.onednn and codes.device.type == "cpu" and self.in_features % 64 == 0
+                and (RUN.keep_unpacked or not self.packed)
                 and self.input_timestep_edges is None
-                and self.input_scale is not None and self.input_scale.numel() == 1
-                and not torch.compiler.is_compiling() and onednn_linear_available())
+                and self.input_spec.granularity == "tensor" and self.input_scale is not None
+                and self.input_scale.numel() == 1 and not torch.compiler.is_compiling() and onednn_linear_available())
 
     def _onednn_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: dict,
                        out_dtype: torch.dtype, gelu: Optional[str]) -> torch.Tensor:
