@@ -238,6 +238,8 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=XL.depth, help="fewer blocks for a quick run (XL: 28)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--compiled", action="store_true", help="add W8A8 (bf16 float parts) with every transformer "
+                   "block under torch.compile (which runs torch._int_mm, not oneDNN)")
     p.add_argument("--skip-bytes", action="store_true")
     args = p.parse_args()
     config = DiTConfig(**{**XL.to_dict(), "depth": args.depth})
@@ -265,6 +267,11 @@ def main() -> None:
         if device == "cpu":
             models[f"{name} (bf16 float parts, torch._int_mm)"] = (bf16_parts, torch.bfloat16, {"onednn": False})
         models[f"{name} (bf16 float parts)"] = (bf16_parts, torch.bfloat16, {})
+        if args.compiled and name == "W8A8":
+            compiled = copy.deepcopy(bf16_parts)
+            for block in compiled.transformer_blocks:  # regional: one compiled graph serves every block
+                block.compile()
+            models[f"{name} (bf16 float parts, blocks compiled)"] = (compiled, torch.bfloat16, {})
     forward_table(models, config, args.batch, args.repeats, device, sync)
     if device == "cpu":
         gemm_table(integers["W8A8"], config, max(args.batch), args.repeats)
