@@ -157,6 +157,31 @@ def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: i
               f"{t['bf16'] / t['int bf16']:.2f}× | {t['mm32'] / t['mm8']:.2f}× |")
 
 
+def attention_table(config: DiTConfig, batch: int, repeats: int) -> None:
+    """One layer's attention: fused bf16 SDPA against the two int8 GEMMs alone (QKᵀ and PV per sample and head with
+    ``torch._int_mm``; no softmax, quantization or rescale counted), the integer form of quantized attention."""
+    heads, tokens = config.num_heads, (config.input_size // config.patch_size) ** 2
+    head_dim = config.hidden_size // heads
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, generator=g).bfloat16() for _ in range(3))
+    codes = [torch.randint(-128, 127, (batch * heads, *shape), dtype=torch.int8, generator=g)
+             for shape in ((tokens, head_dim), (head_dim, tokens), (tokens, tokens), (tokens, head_dim))]
+    qc, kt, pc, vc = [c.contiguous() for c in codes]
+
+    def int8_gemms():
+        for i in range(batch * heads):
+            torch._int_mm(qc[i], kt[i])
+            torch._int_mm(pc[i], vc[i])
+
+    with torch.no_grad():
+        t = interleaved({"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "int8": int8_gemms}, repeats,
+                        lambda: None)
+    print(f"\n## attention of one layer, batch {batch} ({batch * heads} sample-heads of {tokens}×{head_dim})\n")
+    print("| bf16 SDPA (fused) | int8 QKᵀ + PV GEMMs alone, per sample-head `torch._int_mm` | ratio |")
+    print("|---|---|---|")
+    print(f"| {t['sdpa'] * 1e3:.1f} ms | {t['int8'] * 1e3:.1f} ms | {t['sdpa'] / t['int8']:.2f}× |")
+
+
 _PEAK = """
 import json, sys, torch
 from safetensors.torch import load_file
@@ -238,6 +263,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=XL.depth, help="fewer blocks for a quick run (XL: 28)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--attention", action="store_true", help="add the int8 attention GEMMs vs bf16 SDPA table")
     p.add_argument("--compiled", action="store_true", help="add W8A8 (bf16 float parts) with every transformer "
                    "block under torch.compile (which runs torch._int_mm, not oneDNN)")
     p.add_argument("--skip-bytes", action="store_true")
@@ -275,6 +301,8 @@ def main() -> None:
     forward_table(models, config, args.batch, args.repeats, device, sync)
     if device == "cpu":
         gemm_table(integers["W8A8"], config, max(args.batch), args.repeats)
+        if args.attention:
+            attention_table(config, max(args.batch), max(args.repeats, 5))
         if not args.skip_bytes:
             bytes_table(fp, integers, quants, config)
         if args.profile:
