@@ -7,9 +7,7 @@ Each RUN is a ``default_root_dir`` where ``ditquant fit`` and ``ditquant test`` 
 every transformer block is compared with its fake-quantized self on the same inputs — the fake model's block inputs
 along the FP sampler's trajectory (8 labels, 5 of the sampler's steps); then ``ditquant test --model.backend
 integer`` samples with the run's own resolved config into ``RUN-integer`` and its metrics are printed next to the
-fake-quantized ones. ``--reorder-batch N`` adds the fake-quantized model tested at batch size N (``RUN-batchN``):
-the same model and noise, only a different float summation order, i.e. how far FID moves when nothing but rounding
-changes.
+fake-quantized ones.
 """
 
 from __future__ import annotations
@@ -56,8 +54,6 @@ def main() -> None:
     p.add_argument("--blocks-only", action="store_true", help="per-block SQNR only (no integer test run)")
     p.add_argument("--fp-reference", type=Path, help="an FP test folder for the integer runs' FID / PSNR vs FP "
                    "(model.evaluation.fp_reference) instead of sampling the FP model again")
-    p.add_argument("--reorder-batch", type=int, help="also test the fake-quantized model at this test batch size: the "
-                   "same model and noise, only the float summation order differs (the noise floor of FID agreement)")
     args = p.parse_args()
     rows = []
 
@@ -82,22 +78,17 @@ def main() -> None:
             continue
         fake = json.loads((run / "test" / "metrics.json").read_text())
         integer = test_once(run, config, run.parent / f"{run.name}-integer", "--model.backend", "integer")
-        reordered = None if args.reorder_batch is None else test_once(
-            run, config, run.parent / f"{run.name}-batch{args.reorder_batch}",
-            "--data.test_batch_size", str(args.reorder_batch))
-        rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer, reordered))
+        rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer))
     if not rows:
         return
     print(f"\n{args.num_samples} samples; block SQNR over {len(sqnr)} block calls per run\n")
-    reorder = "" if args.reorder_batch is None else f" | FID vs data, fake at test batch {args.reorder_batch} (difference)"
     print("| run | block SQNR min / mean (dB) | FID vs data fake / integer (difference) | FID vs FP fake / integer "
-          f"| PSNR vs FP fake / integer (dB){reorder} |")
-    print("|---|---|---|---|---|" + ("---|" if reorder else ""))
-    for name, lo, mean, f, i, r in rows:
+          "| PSNR vs FP fake / integer (dB) |")
+    print("|---|---|---|---|---|")
+    for name, lo, mean, f, i in rows:
         print(f"| {name} | {lo:.1f} / {mean:.1f} | {f['fid_vs_data']:.3f} / {i['fid_vs_data']:.3f} "
               f"({i['fid_vs_data'] - f['fid_vs_data']:+.3f}) | {f['fid_vs_fp']:.3f} / {i['fid_vs_fp']:.3f} | "
-              f"{f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |"
-              + ("" if r is None else f" {r['fid_vs_data']:.3f} ({r['fid_vs_data'] - f['fid_vs_data']:+.3f}) |"))
+              f"{f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |")
 
 
 if __name__ == "__main__":

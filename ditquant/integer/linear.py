@@ -56,8 +56,9 @@ class RunOptions:
             inductor); where it cannot compile (no C++ compiler, no triton on CUDA) a warning, then eager.
             ``DITQUANT_FUSED_QUANTIZATION=0`` turns it off.
         keep_unpacked: unpack int4 weights once and keep the int8 copy (beside the packed one, which is what is
-            saved; in oneDNN's layout where ``onednn`` runs the layer) instead of unpacking on every call. Off: the
-            run-time memory of int4 weights is the packed bytes, at the cost of speed.
+            saved; in oneDNN's layout where ``onednn`` runs the layer) instead of unpacking on every call. Off:
+            nothing unpacked is held between calls, at the cost of speed (the benchmark's peak memory was not lower:
+            README, Integer inference).
         onednn: on x86 CPUs, run layers with a static per-tensor activation range and one scale per output channel
             as oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``): the int8 weight is reordered
             once into oneDNN's blocked layout (AMX / VNNI) and kept beside the stored one, and the rescale, bias
