@@ -90,17 +90,19 @@ def fold_into_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def fold_into_value(block: nn.Module, s: torch.Tensor) -> None:
-    """Divide the attention output projection's input by s through V's rows, and compensate in its weight."""
-    value = block.get_submodule(VALUE_PROJECTION)
-    _ensure_foldable([value, block.get_submodule(ATTENTION_OUTPUT)])
+def fold_into_value(block: nn.Module, s: torch.Tensor, value_name: str = VALUE_PROJECTION,
+                    output_name: str = ATTENTION_OUTPUT) -> None:
+    """Divide an attention output projection's input by s through V's rows, and compensate in its weight (the
+    block's self-attention unless the names say another attention's projections)."""
+    value = block.get_submodule(value_name)
+    _ensure_foldable([value, block.get_submodule(output_name)])
     lin = fp_layer(value)
     s = _check(s, lin.out_features, "fold_into_value").to(lin.weight)
     lin.weight /= s[:, None]
     if lin.bias is not None:
         lin.bias /= s
     _requantize(value)
-    scale_input_columns([block.get_submodule(ATTENTION_OUTPUT)], s)
+    scale_input_columns([block.get_submodule(output_name)], s)
 
 
 @torch.no_grad()
@@ -114,12 +116,13 @@ def divide_online(layer: QuantLayer, s: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def rotate_into_value(block: nn.Module, head_rotation: torch.Tensor) -> None:
+def rotate_into_value(block: nn.Module, head_rotation: torch.Tensor, value_name: str = VALUE_PROJECTION,
+                      output_name: str = ATTENTION_OUTPUT) -> None:
     """Rotate the attention output projection's input by Q = diag(Q_h, …, Q_h) (one orthogonal Q_h per head) through
     V's rows: softmax(·)·V acts on each head's channels linearly, so V·Q_h per head gives o·Q; W_v ← Qᵀ·W_v,
     b_v ← b_v·Q, W_o ← W_o·Q. Exact, and free at run time."""
-    attention = block.attn1
-    value, out = block.get_submodule(VALUE_PROJECTION), block.get_submodule(ATTENTION_OUTPUT)
+    attention = block.get_submodule(value_name.rpartition(".")[0])
+    value, out = block.get_submodule(value_name), block.get_submodule(output_name)
     _ensure_foldable([value, out])
     heads, inner = attention.heads, attention.inner_dim
     if head_rotation.shape != (inner // heads, inner // heads):

@@ -234,8 +234,11 @@ def classify_source(source: str) -> tuple[str, Optional[Path]]:
 # Folders and the hub
 # --------------------------------------------------------------------------------------------------------------
 
-def _load_model_folder(cls, folder: Path):
-    """A diffusers model of class ``cls`` from a local folder (safetensors, or .bin read with weights_only)."""
+def _load_model_folder(cls, folder: Path, class_names: tuple[str, ...] | None = None,
+                       norm_type: str | None = None):
+    """A diffusers model of class ``cls`` from a local folder (safetensors, or .bin read with weights_only).
+    ``class_names``: the ``_class_name`` values accepted (default: the class's own; for DiT also the older
+    Transformer2DModel); ``norm_type``: the transformer block type the config must declare."""
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise UserError(f"{folder} is not a diffusers model folder: it has no config.json")
@@ -243,13 +246,15 @@ def _load_model_folder(cls, folder: Path):
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{config_file}: cannot read config ({exc})") from exc
-    expected = _TRANSFORMER_CLASSES if cls is DiTTransformer2DModel else (cls.__name__,)
+    if cls is DiTTransformer2DModel:
+        class_names, norm_type = class_names or _TRANSFORMER_CLASSES, norm_type or "ada_norm_zero"
+    expected = class_names or (cls.__name__,)
     found = config.get("_class_name", expected[0])
     if found not in expected:
         raise UserError(f"{folder} holds a {found}, not a {expected[0]}")
-    if cls is DiTTransformer2DModel and config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
-        raise UserError(f"{folder} holds a {found} with norm_type={config['norm_type']!r}; a DiT uses "
-                        f"'ada_norm_zero'")
+    if norm_type is not None and config.get("norm_type", norm_type) != norm_type:
+        raise UserError(f"{folder} holds a {found} with norm_type={config['norm_type']!r}; a {expected[0]} uses "
+                        f"{norm_type!r}")
     try:
         if any((folder / f).is_file() for f in _SAFETENSORS):
             model = _from_pretrained(cls, folder, use_safetensors=True)

@@ -1,6 +1,7 @@
 """Quantized attention matmuls: Q·Kᵀ and softmax(·)·V with fake-quantized operands (PTQ4DiT / Q-Diffusion style).
 
-The processor replaces diffusers' ``AttnProcessor2_0`` on DiT self-attention. Q is quantized after the 1/√d
+The processor replaces diffusers' ``AttnProcessor2_0`` on self-attention and on cross-attention to text (K and V
+from the text features, the text mask added to the scores as diffusers does). Q is quantized after the 1/√d
 scaling (as PTQ4DiT does); the softmax probabilities use an unsigned grid whose zero point is 0 (they are ≥ 0, so a
 min–max range starts at 0). The softmax itself, the head split and the output projection's input stay as they are
 (the projection is a QuantLayer with its own input quantizer).
@@ -21,7 +22,7 @@ OPERANDS = ("query", "key", "probs", "value")
 
 
 class QuantAttnProcessor(nn.Module):
-    """A diffusers attention processor (self-attention without masks) with one quantizer per matmul operand."""
+    """A diffusers attention processor with one quantizer per matmul operand."""
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
@@ -32,27 +33,29 @@ class QuantAttnProcessor(nn.Module):
 
     def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                 temb=None, **kwargs) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise UserError("quantized attention supports DiT self-attention only (no cross-attention or mask)")
-        batch, tokens, _ = hidden_states.shape
+        batch = hidden_states.shape[0]
         heads = attn.heads
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states  # cross-attention: text
 
         def split(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, tokens, heads, -1).transpose(1, 2)
+            return x.view(batch, x.shape[1], heads, -1).transpose(1, 2)
 
-        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(
-            attn.to_v(hidden_states))
+        query, key, value = split(attn.to_q(hidden_states)), split(attn.to_k(context)), split(attn.to_v(context))
         query = self.query_quantizer(query / math.sqrt(query.shape[-1]))
         key = self.key_quantizer(key)
-        probs = self.probs_quantizer((query @ key.transpose(-1, -2)).softmax(dim=-1))
+        scores = query @ key.transpose(-1, -2)
+        if attention_mask is not None:  # an additive bias (PixArt's text mask: -10000 on padding), as diffusers'
+            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            scores = scores + mask.view(batch, heads, -1, mask.shape[-1])
+        probs = self.probs_quantizer(scores.softmax(dim=-1))
         out = probs @ self.value_quantizer(value)
-        out = out.transpose(1, 2).reshape(batch, tokens, -1).to(query.dtype)
+        out = out.transpose(1, 2).reshape(batch, hidden_states.shape[1], -1).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         return out / attn.rescale_output_factor
 
 
 def quantize_attention(model: nn.Module, spec: QuantSpec) -> int:
-    """Install a QuantAttnProcessor in every self-attention of ``model``; returns how many."""
+    """Install a QuantAttnProcessor in every attention of ``model`` (self and cross); returns how many."""
     from diffusers.models.attention_processor import Attention
 
     count = 0

@@ -17,10 +17,11 @@ from torch import nn
 from ditquant.errors import UserError
 from ditquant.models.adapters.base import Adapter, RescalableInput
 from ditquant.models.adapters.dit import DiTAdapter
+from ditquant.models.adapters.pixart import PixArtAdapter
 from ditquant.quant import timesteps
 from ditquant.quant.apply import wrap_layers
 
-ADAPTERS: list[Adapter] = [DiTAdapter()]
+ADAPTERS: list[Adapter] = [DiTAdapter(), PixArtAdapter()]
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -54,4 +55,4 @@ def _leave_forward(model: nn.Module, args: tuple, output) -> None:
     model.__dict__["_timestep_scopes"].pop().__exit__(None, None, None)
 
 
-__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "RescalableInput", "adapter_for", "quantize_model"]
+__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "quantize_model"]

@@ -1,0 +1,198 @@
+"""The PixArt family: loading both layouts, prompts, the adapter's call against the pipeline's own, exact folds for
+adaLN-single, and quantization of self- and cross-attention (tiny random pipelines, seeded)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+from ditquant import QuantConfig
+from ditquant.quant.spec import QuantSpec
+from ditquant.errors import UserError
+from ditquant.models.adapters import adapter_for, quantize_model
+from ditquant.models.adapters.pixart import PixArtAdapter, attach_prompts
+from ditquant.models.pixart import PixArtSource, encode_prompts, load_pixart, read_prompts
+from ditquant.quant.attention import QuantAttnProcessor
+from ditquant.quant.modules import quant_layers
+from tests.tiny_pixart import save_pipeline, tiny_transformer
+
+PROMPTS = ["a red shirt", "A Small Striped Bag", "a photo of the black boot on white"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    return save_pipeline(tmp_path_factory.mktemp("pixart") / "pipeline")
+
+
+@pytest.fixture(scope="module")
+def loaded(pipeline_folder):
+    return load_pixart(PixArtSource(str(pipeline_folder)))
+
+
+def _with_prompts(loaded):
+    table = encode_prompts(loaded.text_encoder, loaded.tokenizer, PROMPTS, vae_scale_factor=loaded.vae_scale_factor)
+    attach_prompts(loaded.transformer, table)
+    return table
+
+
+def _inputs(batch: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 8, 8, generator=g)
+    t = torch.tensor([999, 500, 20, 0][:batch])
+    y = torch.tensor([0, 1, 2, 3][:batch])  # 3: the empty prompt
+    return x, t, y
+
+
+@torch.no_grad()
+def test_adapter_call_equals_the_pipeline_transformer_call(pipeline_folder, loaded):
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(pipeline_folder)
+    table = _with_prompts(loaded)
+    embeds, masks = [], []
+    for prompt in PROMPTS:  # the pipeline's own encoding, as its __call__ runs it (no grad, clean_caption off)
+        e, m, ne, nm = pipe.encode_prompt(prompt, do_classifier_free_guidance=True, clean_caption=False)
+        embeds.append(e)
+        masks.append(m)
+    embeds, masks = torch.cat([*embeds, ne]), torch.cat([*masks, nm])
+    assert torch.equal(table.embeddings, embeds) and torch.equal(table.mask, masks)
+    x, t, y = _inputs()
+    model = loaded.transformer
+    adapter = adapter_for(model)
+    assert isinstance(adapter, PixArtAdapter)
+    out = adapter.forward(model, x, t, y)
+    ref = pipe.transformer(x, encoder_hidden_states=embeds[y], encoder_attention_mask=masks[y], timestep=t,
+                           added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    assert out.shape == (4, 8, 8, 8) and torch.equal(out, ref)
+    assert torch.equal(adapter.null_condition(model, y), torch.full_like(y, 3))
+
+
+@torch.no_grad()
+def test_bare_transformer_folder_with_a_separate_text_encoder(tmp_path, pipeline_folder, loaded):
+    table = _with_prompts(loaded)
+    bare = load_pixart(PixArtSource(str(pipeline_folder / "transformer"), text_encoder=str(pipeline_folder)))
+    assert bare.vae is None and bare.scheduler is None
+    attach_prompts(bare.transformer, encode_prompts(bare.text_encoder, bare.tokenizer, PROMPTS))
+    x, t, y = _inputs()
+    adapter = adapter_for(bare.transformer)
+    assert torch.equal(adapter.forward(bare.transformer, x, t, y), adapter.forward(loaded.transformer, x, t, y))
+    assert torch.equal(bare.transformer.__dict__["_ditquant_prompts"].embeddings, table.embeddings)
+    no_text = load_pixart(PixArtSource(str(pipeline_folder / "transformer")))
+    with pytest.raises(UserError, match="needs a text encoder"):
+        encode_prompts(no_text.text_encoder, no_text.tokenizer, PROMPTS)
+
+
+@torch.no_grad()
+def test_resolution_condition_of_pixart_alpha_1024():
+    """PixArt-α 1024 takes the image size and aspect ratio (in pixels) as extra conditions."""
+    model = tiny_transformer(use_additional_conditions=True, head_dim=12)  # size embeddings: width / 3 each
+    table = encode_prompts(*_text_parts(), PROMPTS, vae_scale_factor=8)
+    attach_prompts(model, table)
+    x, t, y = _inputs(2)
+    out = PixArtAdapter().forward(model, x, t, y)
+    sizes = {"resolution": torch.tensor([[64.0, 64.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)}
+    ref = model(x, encoder_hidden_states=table.embeddings[y], encoder_attention_mask=table.mask[y], timestep=t,
+                added_cond_kwargs=sizes, return_dict=False)[0]
+    assert torch.equal(out, ref)
+
+
+def _text_parts():
+    from tests.tiny_pixart import tiny_text_encoder, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    return tiny_text_encoder(len(tokenizer)), tokenizer
+
+
+def test_prompt_file_errors_and_truncation(tmp_path, caplog):
+    with pytest.raises(UserError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(UserError, match="holds no prompts"):
+        read_prompts(empty)
+    good = tmp_path / "prompts.txt"
+    good.write_text("a red shirt\n\n a blue dress \n")
+    assert read_prompts(good) == ["a red shirt", "a blue dress"]
+    with caplog.at_level(logging.WARNING):
+        table = encode_prompts(*_text_parts(), ["a red shirt " * 10], max_length=8)
+    assert "truncated to the text encoder's 8" in caplog.text and "prompt 1" in caplog.text
+    assert table.embeddings.shape[:2] == (2, 8)
+
+
+def test_pipeline_folder_errors(tmp_path, pipeline_folder):
+    broken = tmp_path / "broken"
+    shutil.copytree(pipeline_folder, broken)
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(UserError, match="missing tokenizer/"):
+        load_pixart(PixArtSource(str(broken)))
+    other = tmp_path / "other"
+    shutil.copytree(pipeline_folder, other)
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
+    with pytest.raises(UserError, match="not a PixArt pipeline"):
+        load_pixart(PixArtSource(str(other)))
+    wide = save_pipeline(tmp_path / "wide", text_width=20)  # a text encoder 20 wide, a caption projection for 12
+    with pytest.raises(UserError, match="caption_channels=12"):
+        load_pixart(PixArtSource(str(pipeline_folder), text_encoder=str(wide)))
+
+
+@torch.no_grad()
+def test_every_rescalable_input_folds_exactly(loaded):
+    """adaLN-single inputs through the per-block multiplier on the shared modulation, attention outputs through V
+    (self and cross), the rest online: the model's output is unchanged."""
+    import copy
+
+    model = copy.deepcopy(loaded.transformer)
+    attach_prompts(model, _with_prompts(loaded))
+    adapter = adapter_for(model)
+    x, t, y = _inputs()
+    before = adapter.forward(model, x, t, y)
+    quantize_model(model, QuantConfig(weight=QuantSpec(bits=16), activation=QuantSpec(bits=16)))  # online folds:
+    # the division lives in a QuantLayer (16 bits: not quantized, so only the fold changes the computation)
+    points = adapter.rescalable_inputs(model)
+    assert {(p.name, p.fold) for p in points if p.block == 0} == {
+        ("attention", "modulation"), ("attn_out", "value"), ("cross_q", "online"), ("cross_kv", "online"),
+        ("cross_out", "value"), ("mlp", "modulation"), ("fc2", "online")}
+    g = torch.Generator().manual_seed(0)
+    factors = {(p.block, p.name): torch.rand(p.consumers[0].layer.in_features, generator=g) * 3 + 0.2 for p in points}
+    adapter.rescale_inputs(model, factors)
+    after = adapter.forward(model, x, t, y)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(model.transformer_blocks[0].modulation_multiplier, torch.ones(96))
+
+
+@torch.no_grad()
+def test_w8a8_quantizes_self_and_cross_attention(loaded):
+    import copy
+
+    model = copy.deepcopy(loaded.transformer)
+    attach_prompts(model, _with_prompts(loaded))
+    adapter = adapter_for(model)
+    x, t, y = _inputs()
+    fp = adapter.forward(model, x, t, y)
+    config = QuantConfig(weight=QuantSpec(bits=8, granularity="channel"),
+                         activation=QuantSpec(bits=8, dynamic=True),
+                         attention=QuantSpec(bits=8, dynamic=True))
+    quantize_model(model, config)
+    roles = {q.role for q in quant_layers(model)}
+    assert {"qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2", "adaln", "caption_mlp",
+            "timestep_mlp", "patch_embed", "final_linear"} <= roles
+    processors = [m for m in model.modules() if isinstance(m, QuantAttnProcessor)]
+    assert len(processors) == 4  # attn1 and attn2 of both blocks
+    out = adapter.forward(model, x, t, y)
+    rel = ((out - fp).norm() / fp.norm()).item()
+    assert 0 < rel < 0.05
+    names = [name for name, _ in adapter.units(model)]
+    assert names[:2] == ["pos_embed.proj", "adaln_single.emb.timestep_embedder.linear_1"]
+    assert names[-3:] == ["transformer_blocks.0", "transformer_blocks.1", "proj_out"]
+    assert all(any(q is m for _, u in adapter.units(model) for m in u.modules()) for q in quant_layers(model))
+
+
+def test_condition_index_out_of_range(loaded):
+    _with_prompts(loaded)
+    x, t, _ = _inputs(2)
+    with pytest.raises(UserError, match="out of range"):
+        adapter_for(loaded.transformer).forward(loaded.transformer, x, t, torch.tensor([0, 9]))
