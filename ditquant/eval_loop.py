@@ -52,9 +52,10 @@ class EvalLoop:
         if self.quant is not None and self.evaluation.compare_fp and self.evaluation.fp_reference:
             fp_reference = load_fp_reference(self.evaluation.fp_reference, self._fingerprint, self.sampler,
                                              self.evaluation.seed, num_samples)
-        self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.dit_source,
+        self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.model_source,
                                          vae=self.vae, latent_scale=self.latent_scale,
-                                         compare_fp=self.quant is not None, fp_reference=fp_reference)
+                                         compare_fp=self.quant is not None, fp_reference=fp_reference,
+                                         condition_names=self.condition_names())
         log.info("test: sampling %d images (%s, %d steps)%s", num_samples, self.sampler.kind, self.sampler.num_steps,
                  f"; FP samples from {self.evaluation.fp_reference}" if fp_reference is not None else "")
 

@@ -137,7 +137,7 @@ class FitLoop:
             reconstruction=self.reconstruction,
             set_quant=lambda quant: self.set_searched_layout(
                 {f: getattr(quant, f) for f in SEARCHED_LAYOUT}),
-            scorer=sample_set_scorer(self.dit_config, self.dit_source, self.sampler, self.evaluation.fid_features,
+            scorer=sample_set_scorer(self.dit_config, self.model_source, self.sampler, self.evaluation.fid_features,
                                      self.vae, self.latent_scale, features_option="model.evaluation.fid_features"),
             output_dir=Path(self.trainer.default_root_dir) if attached else Path("."),
             resume=resume, save_progress=save_progress)
@@ -160,7 +160,7 @@ class FitLoop:
         root = Path(self.trainer.default_root_dir)
         seconds = self._fit_seconds_before + (time.perf_counter() - self._fit_started if self._fit_started else 0.0)
         if self.trainer.is_global_zero:
-            save_quantized(self.transformer, root / "quantized", self.dit_source, self.quant)
+            save_quantized(self.transformer, root / "quantized", self.model_source, self.quant)
             summary = {"label": self.quant.label(), "weight_sqnr_db": weight_sqnr_db(self.transformer),
                        "fit_seconds": seconds,
                        "preprocessing": {cb.method.name: cb.report for cb in self.trainer.callbacks

@@ -26,8 +26,10 @@ from ditquant.export.integer import load_integer as load_integer_model
 from ditquant.fit_loop import FitLoop
 from ditquant.io import InputPath, check_same, yaml_plain
 from ditquant.models.adapters import quantize_model
+from ditquant.models.adapters.pixart import attach_prompts
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
+from ditquant.models.pixart import PixArtSource, load_pixart
 from ditquant.quant.apply import apply_plan, quantization_table, unwrapped
 from ditquant.quant.config import QuantConfig
 from ditquant.reconstruction.config import ReconstructionConfig
@@ -41,7 +43,9 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
     """Quantize a pretrained DiT and evaluate it.
 
     Args:
-        dit: the pretrained model (bundled, original checkpoint, diffusers folder or hub id).
+        dit: the pretrained DiT (bundled, original checkpoint, diffusers folder or hub id).
+        pixart: a pretrained PixArt text-to-image pipeline instead of a DiT (bundled mini PixArt, pipeline or
+            transformer folder, hub id) and the prompts its conditions are; given, ``dit`` is not used.
         quant: how to quantize; null evaluates the FP model.
         sampler: the evaluation sampler (also used to record the calibration set).
         evaluation: what ``ditquant test`` measures and writes.
@@ -60,7 +64,8 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
             arithmetic stays int8 / float32).
     """
 
-    def __init__(self, dit: DiTSource = DiTSource(), quant: Optional[QuantConfig] = QuantConfig(),
+    def __init__(self, dit: DiTSource = DiTSource(), pixart: Optional[PixArtSource] = None,
+                 quant: Optional[QuantConfig] = QuantConfig(),
                  sampler: SamplerConfig = SamplerConfig(), evaluation: EvaluationConfig = EvaluationConfig(),
                  reconstruction: Optional[ReconstructionConfig] = None, load_quantized: Optional[InputPath] = None,
                  backend: Literal["fake", "integer"] = "fake", load_integer: Optional[InputPath] = None,
@@ -78,7 +83,11 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
             raise UserError("model.integer_float_dtype is for the integer backend (model.backend integer)")
         if load_integer is not None and load_quantized is not None:
             raise UserError("model.load_quantized and model.load_integer are exclusive: give one")
+        if pixart is not None and (backend == "integer" or load_integer is not None):
+            raise UserError("model.backend integer / model.load_integer: integer inference supports the DiT family "
+                            "so far (model.pixart is set)")
         self.dit_source, self.quant, self.sampler, self.evaluation = dit, quant, sampler, evaluation
+        self.pixart_source = pixart
         self.reconstruction = reconstruction
         self.load_quantized = None if load_quantized is None else str(load_quantized)
         self.allow_partial = allow_partial
@@ -102,7 +111,14 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
     def configure_model(self) -> None:
         if self.transformer is not None:
             return
-        loaded = self._loaded = load_dit(self.dit_source)  # the run's only copy of the model
+        if self.pixart_source is not None:
+            loaded = self._loaded = load_pixart(self.pixart_source)
+            if loaded.prompts is None:
+                raise UserError(f"model.pixart.source {self.pixart_source.source}: no text encoder to encode the "
+                                "prompts with (set model.pixart.text_encoder for a bare transformer folder)")
+            attach_prompts(loaded.transformer, loaded.prompts)
+        else:
+            loaded = self._loaded = load_dit(self.dit_source)  # the run's only copy of the model
         self.dit_config: DiTConfig = loaded.config
         self.latent_scale = loaded.latent_scale
         self.vae = loaded.vae  # not a submodule: never quantized, never checkpointed
@@ -118,8 +134,17 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
             except UserError as e:  # name the option as the user wrote it
                 raise UserError(f"model.{e}" if str(e).startswith("quant.") else str(e)) from None
             if self.load_quantized is not None:
-                load_quantized(self.transformer, self.load_quantized, self.dit_source, self.quant)
+                load_quantized(self.transformer, self.load_quantized, self.model_source, self.quant)
             Console(stderr=True).print(quantization_table(self.transformer))
+
+    @property
+    def model_source(self):
+        """What the model was loaded from: ``pixart`` when given, else ``dit``."""
+        return self.pixart_source if self.pixart_source is not None else self.dit_source
+
+    def condition_names(self) -> Optional[list[str]]:
+        """The prompts a PixArt model's condition indices stand for (None for class-conditional DiT)."""
+        return list(self._loaded.prompts.prompts) if self.pixart_source is not None else None
 
     @contextlib.contextmanager
     def fp_view(self):
@@ -152,12 +177,16 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
 
     def _header(self) -> dict:
         """What a checkpoint was made with (every option that changes its numbers) and how far it got."""
-        dit = dataclasses.asdict(self.dit_source)
-        model = {"dit": {k: v for k, v in dit.items() if k not in ("source", "vae")},  # paths may move
+        family = "pixart" if self.pixart_source is not None else "dit"
+        source = dataclasses.asdict(self.model_source)
+        model = {family: {k: v for k, v in source.items() if k not in ("source", "vae", "prompts", "text_encoder")},
+                 # paths may move; what they hold is in the weights fingerprint (and, for prompts, below)
                  "quant": {k: v for k, v in dataclasses.asdict(self.quant).items() if k not in SEARCHED_LAYOUT}
                  if self.quant is not None else None,
                  "reconstruction": dataclasses.asdict(self.reconstruction) if self.reconstruction else None,
                  "sampler": dataclasses.asdict(self.sampler)}  # the calibration set is recorded with it
+        if self.pixart_source is not None:
+            model["pixart"]["prompts"] = list(self._loaded.prompts.prompts)
         header = {"weights": self._fingerprint, "model": model}
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and hasattr(data, "recipe_args"):
@@ -187,12 +216,13 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         made_with, expected = info["made_with"], self._header()
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         if made_with.get("weights", expected["weights"]) != expected["weights"]:
-            raise UserError(f"{path} was made from different FP weights than model.dit.source "
-                            f"{self.dit_source.source} (weights fingerprint {made_with.get('weights')} there, "
+            family = "pixart" if self.pixart_source is not None else "dit"
+            raise UserError(f"{path} was made from different FP weights than model.{family}.source "
+                            f"{self.model_source.source} (weights fingerprint {made_with.get('weights')} there, "
                             f"{expected.get('weights')} here)")
         if not fitting:  # test needs the model and quant config; how it was calibrated is fit's business
-            made_with, expected = ({"model": {k: d["model"][k] for k in ("dit", "quant")}} for d in (made_with,
-                                                                                                    expected))
+            made_with, expected = ({"model": {k: d["model"].get(k) for k in ("dit", "pixart", "quant")
+                                              if k in d["model"]}} for d in (made_with, expected))
         check_same(made_with, expected, str(path))
         progress = info["progress"]
         if not fitting and not progress["finished"]:

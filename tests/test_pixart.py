@@ -196,3 +196,58 @@ def test_condition_index_out_of_range(loaded):
     x, t, _ = _inputs(2)
     with pytest.raises(UserError, match="out of range"):
         adapter_for(loaded.transformer).forward(loaded.transformer, x, t, torch.tensor([0, 9]))
+
+
+# ---- every method on a tiny PixArt, through the Python API (what ditquant fit runs) ----
+
+@pytest.fixture(scope="module")
+def tiny_calibration(pipeline_folder, tmp_path_factory):
+    import ditquant as dq
+
+    loaded = load_pixart(PixArtSource(str(pipeline_folder)))
+    attach_prompts(loaded.transformer, loaded.prompts)
+    sampler = dq.SamplerConfig(kind="ddpm", num_steps=4, cfg_scale=4.5)
+    calibration = dq.calibration_set(loaded, sampler, num_timesteps=2, samples_per_timestep=4,
+                                     cache_dir=tmp_path_factory.mktemp("calibration"))
+    return loaded, sampler, calibration
+
+
+W4A8 = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"), activation=QuantSpec(bits=8),
+                   attention=QuantSpec(bits=8))
+GROUPED = QuantConfig(weight=QuantSpec(bits=4, granularity="group", group_size=8),
+                      activation=QuantSpec(bits=8, granularity="group", group_size=8, dynamic=True),
+                      roles=["qkv", "attn_out", "fc1", "fc2"])
+SMOOTHED = QuantConfig(weight=QuantSpec(bits=4, granularity="channel"),
+                       activation=QuantSpec(bits=8, granularity="sample", dynamic=True),
+                       roles=["qkv", "attn_out", "fc1", "fc2"])
+
+
+@pytest.mark.parametrize("method", ["rtn", "qdiffusion", "ptq4dit", "qdit", "ditas"])
+def test_every_method_runs_on_a_tiny_pixart(tiny_calibration, method):
+    import copy
+
+    import ditquant as dq
+
+    loaded, sampler, calibration = tiny_calibration
+    model = copy.deepcopy(loaded.transformer)
+    attach_prompts(model, loaded.prompts)
+    config = {"rtn": W4A8, "qdiffusion": W4A8, "ptq4dit": W4A8, "qdit": GROUPED, "ditas": SMOOTHED}[method]
+    dq.quantize(model, config)
+    if method == "ptq4dit":
+        report = dq.balance(model, calibration)
+        assert report
+    if method == "ditas":
+        dq.smooth(model, calibration)
+        dq.low_rank(model, rank=2, iterations=2)
+    if method == "qdit":
+        dq.gptq(model, calibration)
+    dq.calibrate(model, calibration)
+    if method in ("qdiffusion", "ptq4dit"):
+        summary = dq.reconstruct(model, calibration, dq.ReconstructionConfig(iterations=3, batch_size=4))
+        assert [s["unit"] for s in summary][-3:] == ["transformer_blocks.0", "transformer_blocks.1", "proj_out"]
+    roles = {q.role for q in quant_layers(model)}
+    assert {"cross_q", "cross_kv", "cross_out"} <= roles  # the DiT method configs reach the cross-attention
+    images = dq.generate(model, labels=torch.tensor([0, 1]), sampler=sampler)
+    reference = dq.generate(loaded.transformer, labels=torch.tensor([0, 1]), sampler=sampler)
+    assert images.shape == reference.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
+    assert not torch.equal(images, reference)

@@ -294,10 +294,10 @@ def test_artifacts_are_committed_by_a_manifest_and_checked(tmp_path):
 
 
 def test_feature_net_refuses_samples_of_another_size():
-    check_feature_input("fashion-mnist", DiTConfig(8, 1, 2, input_size=28, in_channels=1, patch_size=4), latent=False)
+    check_feature_input("fashion-mnist", DiTConfig(8, 1, 2, input_size=28, in_channels=1, patch_size=4))
     with pytest.raises(UserError, match="28x28 images, but this model samples 32x32"):
-        check_feature_input("fashion-mnist", DiTConfig(8, 1, 2, input_size=32, in_channels=1, patch_size=4), latent=False)
-    check_feature_input("none", DiTConfig(8, 1, 2, input_size=32, in_channels=1, patch_size=4), latent=False)
+        check_feature_input("fashion-mnist", DiTConfig(8, 1, 2, input_size=32, in_channels=1, patch_size=4))
+    check_feature_input("none", DiTConfig(8, 1, 2, input_size=32, in_channels=1, patch_size=4))
 
 
 @needs_bundled

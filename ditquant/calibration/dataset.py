@@ -202,7 +202,7 @@ def calibration_batches(calibration: Dataset, batch_size: int) -> DataLoader:
 def load_or_record(loaded, sampler: SamplerConfig, cache_dir: str | Path, num_timesteps: Optional[int] = 25,
                    samples_per_timestep: int = 32, seed: int = 0, classes: Optional[tuple[int, ...]] = None,
                    device: Optional[torch.device] = None) -> tuple["CalibrationSet", Path]:
-    """The calibration set of ``loaded`` (a ``LoadedDiT``, FP) for this recipe: reused from ``cache_dir`` when a
+    """The calibration set of ``loaded`` (a ``LoadedDiT`` or ``LoadedPixArt``, FP) for this recipe: reused from ``cache_dir`` when a
     file with the same recipe exists there, else recorded from the FP sampler and saved. Returns it and its file.
 
     The FP weights' fingerprint is part of the recipe, so retrained or edited weights never reuse a stale set.
@@ -223,5 +223,6 @@ def load_or_record(loaded, sampler: SamplerConfig, cache_dir: str | Path, num_ti
                                       (c.in_channels, c.input_size, c.input_size))
         check_finite_calibration(data, "recording the calibration set")
         save_calibration_set(data, recipe, path)
-    null = loaded.transformer.config.num_embeds_ada_norm
+    model = loaded.transformer
+    null = int(adapter_for(model).null_condition(model, torch.zeros(1, dtype=torch.long)))
     return CalibrationSet(data, null_label=null, guidance=recipe.sampler.cfg_scale > 1.0), path

@@ -41,7 +41,7 @@ class SampleSetFID:
         self.vae, self.latent_scale = vae, latent_scale
         self.indices = torch.arange(num_samples)
         self.labels = self.indices % dit.num_classes
-        check_feature_input(kind, dit, vae is not None, option="the sample-set FID's features")
+        check_feature_input(kind, dit, vae, option="the sample-set FID's features")
         if kind == "inception":
             try:
                 self.fid = metrics.inception_fid(normalize=True, reset_real_features=False)

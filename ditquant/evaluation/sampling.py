@@ -62,13 +62,13 @@ def feature_kind(kind: str, source) -> str:
     return kind
 
 
-def check_feature_input(kind: str, dit: DiTConfig, latent: bool, option: str = "model.evaluation.fid_features"):
+def check_feature_input(kind: str, dit: DiTConfig, vae=None, option: str = "model.evaluation.fid_features"):
     """The domain feature net and its reference statistics are made from 28x28 grey-scale images: samples of any
     other size would be resized and scored against statistics they do not match, so that is refused."""
     if kind != "fashion-mnist":
         return
-    size = dit.input_size * (8 if latent else 1)  # SD-VAE decodes 8x
-    channels = 3 if latent else dit.in_channels
+    size = dit.input_size * (2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1)
+    channels = vae.config.out_channels if vae is not None else dit.in_channels
     if size != IMAGE_SIZE or channels not in (1, 3):
         raise UserError(f"{option}: fashion-mnist features and their reference statistics are for "
                         f"{IMAGE_SIZE}x{IMAGE_SIZE} images, but this model samples {size}x{size}; set it to none (or "
@@ -90,16 +90,36 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def write_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Path) -> None:
-    """A PNG with one row per class (up to 16 classes), as many columns as every class can fill (≤ per_class)."""
+def write_grid(images: np.ndarray, labels: np.ndarray, per_class: int, path: Path,
+               row_names: Optional[list[str]] = None) -> None:
+    """A PNG with one row per class (up to 16 classes), as many columns as every class can fill (≤ per_class);
+    ``row_names`` (by class index: the prompts of a text-to-image model) are written left of their rows."""
     classes = sorted(set(labels.tolist()))[:16]
     columns = min([per_class] + [int((labels == c).sum()) for c in classes])
     if not classes or columns < 1:
         return
     grid = np.concatenate([np.concatenate(list(images[labels == c][:columns]), axis=1) for c in classes], axis=0)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
+    picture = Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode)
+    if row_names is not None:
+        picture = _with_row_names(picture, [row_names[c] for c in classes], images.shape[1])
     with atomic_write(path) as tmp:
-        Image.fromarray(grid.squeeze(-1) if mode == "L" else grid, mode).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
+
+
+def _with_row_names(grid: Image.Image, names: list[str], row_height: int) -> Image.Image:
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(grid)
+    margin = 4 + max(int(draw.textlength(n, font=font)) for n in names)
+    out = Image.new(grid.mode, (grid.width + margin, grid.height), 255 if grid.mode == "L" else (255, 255, 255))
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for i, name in enumerate(names):
+        draw.text((2, i * row_height + max(0, row_height - 11) // 2), name, fill=0 if out.mode == "L" else (0, 0, 0),
+                  font=font)
+    return out
 
 
 def write_samples(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
@@ -144,13 +164,17 @@ class SampleEvaluator:
     """Accumulates samples and metrics over the test batches; ``finish`` computes and writes everything."""
 
     def __init__(self, config: EvaluationConfig, sampler: SamplerConfig, dit: DiTConfig, source, vae=None,
-                 latent_scale: float = 1.0, compare_fp: bool = True, fp_reference: Optional[np.ndarray] = None):
-        """``fp_reference``: the FP samples (uint8, by sample index) to compare with instead of sampling FP."""
+                 latent_scale: float = 1.0, compare_fp: bool = True, fp_reference: Optional[np.ndarray] = None,
+                 condition_names: Optional[list[str]] = None):
+        """``fp_reference``: the FP samples (uint8, by sample index) to compare with instead of sampling FP;
+        ``condition_names``: what each condition index means (a text-to-image model's prompts), shown in the grids
+        and written to ``prompts.txt``."""
+        self.condition_names = condition_names
         self.config, self.sampler, self.dit, self.source = config, sampler, dit, source
         self.vae, self.latent_scale = vae, latent_scale
         self.compare_fp = compare_fp and config.compare_fp
         self.fp_reference = fp_reference
-        check_feature_input(self._feature_kind(), dit, vae is not None)
+        check_feature_input(self._feature_kind(), dit, vae)
         self.fid = self._make_fid()
         self.paired = self._make_fid(paired=True) if self.compare_fp else None
         self.inception_score = self._make_inception_score()
@@ -258,10 +282,14 @@ class SampleEvaluator:
             return metrics
         out.mkdir(parents=True, exist_ok=True)
         write_samples(images, labels, out / "samples.npz")
-        write_grid(images, labels, self.config.grid_per_class, out / "grid.png")
+        write_grid(images, labels, self.config.grid_per_class, out / "grid.png", self.condition_names)
+        if self.condition_names is not None:  # samples.npz's labels index these lines
+            with atomic_write(out / "prompts.txt") as tmp:
+                tmp.write_text("".join(name + "\n" for name in self.condition_names))
         if self.compare_fp:  # the FP samples of the same seeds, for external evaluators (ADM's suite)
             write_samples(data["fp_images"], labels, out / "samples_fp.npz")
-            write_grid(data["fp_images"], labels, self.config.grid_per_class, out / "grid_fp.png")
+            write_grid(data["fp_images"], labels, self.config.grid_per_class, out / "grid_fp.png",
+                       self.condition_names)
         write_json(metrics, out / "metrics.json")
         log.info("test metrics: %s", metrics)
         return metrics

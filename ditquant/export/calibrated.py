@@ -27,8 +27,13 @@ FORMAT = "ditquant-quantized/1"
 WEIGHTS, META = "model.safetensors", "quantized.yaml"
 
 
+def family_key(source) -> str:
+    """The key a model source is saved under: ``pixart`` for a PixArtSource, ``dit`` for a DiTSource."""
+    return "pixart" if type(source).__name__ == "PixArtSource" else "dit"
+
+
 def _describe(source, quant, model: torch.nn.Module) -> dict:
-    return {"format": FORMAT, "dit": dataclasses.asdict(source), "quant": dataclasses.asdict(quant),
+    return {"format": FORMAT, family_key(source): dataclasses.asdict(source), "quant": dataclasses.asdict(quant),
             "plan": plan_as_dict(model_plan(model))}
 
 
@@ -74,18 +79,19 @@ def load_quantized(model: torch.nn.Module, folder: str | Path, source, quant) ->
     expected = yaml.safe_load(yaml.safe_dump(_describe(source, quant, model), sort_keys=False))
     if meta.get("format") != FORMAT:
         raise UserError(f"{meta_path}: not a ditquant calibrated model (format {meta.get('format')!r})")
+    key = family_key(source)
     try:  # the saved specs in today's form: a field added since they were written takes its default
         if "plan" in meta:  # what the layers are, and the attention matmuls' spec
             plan = {name: {**p, "weight": _spec_dict(p["weight"]), "input": _spec_dict(p["input"])}
                     for name, p in meta["plan"].items()}
-            saved = {"dit": meta.get("dit"), "quant": {"attention": _spec_dict((meta.get("quant") or {}).get(
+            saved = {key: meta.get(key), "quant": {"attention": _spec_dict((meta.get("quant") or {}).get(
                 "attention")), "plan": plan}}
-            wanted = {"dit": expected["dit"], "quant": {"attention": expected["quant"]["attention"],
-                                                        "plan": expected["plan"]}}
+            wanted = {key: expected[key], "quant": {"attention": expected["quant"]["attention"],
+                                                    "plan": expected["plan"]}}
         else:
-            saved = {"dit": meta.get("dit"), "quant": yaml_plain(dataclasses.asdict(quant_config_from_dict(
+            saved = {key: meta.get(key), "quant": yaml_plain(dataclasses.asdict(quant_config_from_dict(
                 meta["quant"])))}
-            wanted = {k: expected[k] for k in ("dit", "quant")}
+            wanted = {k: expected[k] for k in (key, "quant")}
     except (TypeError, KeyError, AttributeError) as e:
         raise UserError(f"{meta_path}: cannot read its quant config ({e}); it was written by another ditquant "
                         "version") from None

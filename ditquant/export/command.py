@@ -46,6 +46,9 @@ def load_calibrated(folder: Path) -> tuple[LoadedDiT, DiTSource, QuantConfig]:
     """The calibrated model a fit saved in ``folder`` (``quantized/``): its source loaded, quantized with the
     saved QuantConfig and given the saved state; refuses a model with uncalibrated layers."""
     meta = yaml.safe_load((folder / META).read_text())
+    if "dit" not in meta:
+        raise UserError(f"{folder}: ditquant export supports the DiT family so far; this calibrated model is a "
+                        f"{next((k for k in meta if k not in ('format', 'quant', 'plan')), 'different')} model")
     source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
     loaded = load_dit(source)
     quantize_model(loaded.transformer, quant, init_weights=False)

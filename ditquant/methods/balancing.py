@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from ditquant.errors import UserError
 from ditquant.methods.base import Method, register
-from ditquant.models.folding import input_weights, require_modulation
+from ditquant.models.folding import input_weights
 from ditquant.methods.salience import activation_salience, balancing_factor, calibrated_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
 from ditquant.models.adapters import adapter_for
@@ -47,7 +47,7 @@ def balancing_factors(model: nn.Module, calibration: Dataset, salience: Literal[
     """({(block, input): f} for every balanced input, the statistics behind them); the model is not changed."""
     if salience not in ("ssc", "mid"):
         raise UserError(f"salience must be 'ssc' or 'mid', got {salience!r}")
-    require_modulation(model)
+    adapter_for(model).require_exact_folds(model)
     timesteps, per_t = salience_per_timestep(model, calibration, batch_size)
     factors, report = {}, {"timesteps": timesteps, "eta": {}, "factor_range": {}}
     adapter = adapter_for(model)

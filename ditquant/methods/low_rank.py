@@ -10,7 +10,8 @@ from torch import nn
 
 from ditquant.errors import UserError
 from ditquant.methods.base import Method, register
-from ditquant.models.layout import BLOCK_LINEAR_ROLES, ROLES
+from ditquant.models.adapters import adapter_for, known_roles
+from ditquant.models.layout import BLOCK_LINEAR_ROLES
 from ditquant.quant.lora import check_rank
 from ditquant.quant.modules import quant_layers
 from ditquant.quant.quantizer import quantize_tensor
@@ -20,7 +21,8 @@ def compensate_low_rank(model: nn.Module, rank: int, iterations: int, roles: Seq
     """Per quantized layer of ``roles``: W_q = Q(W − L·R) with L·R the rank-``rank`` SVD of W − W_q, alternated
     ``iterations`` times (best iterate kept). Every rank is checked before any work. Returns the per-layer weight
     error of round-to-nearest and after compensation."""
-    wrapped = {m.name: m for m in quant_layers(model) if m.role in roles}
+    selected = adapter_for(model).selected_roles(model, roles)
+    wrapped = {m.name: m for m in quant_layers(model) if m.role in selected}
     if not wrapped:
         raise UserError(f"LowRankCompensation: no quantized layer has a role in {list(roles)}")
     for name, layer in wrapped.items():
@@ -57,8 +59,9 @@ class LowRankCompensation(Method):
         if self.iterations < 1:
             raise UserError(f"LowRankCompensation.iterations must be >= 1, got {self.iterations}")
         self.roles = list(self.roles)
-        if unknown := sorted(set(self.roles) - set(ROLES)):
-            raise UserError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
+        if unknown := sorted(set(self.roles) - set(known_roles())):
+            raise UserError(f"LowRankCompensation.roles: unknown role(s) {unknown}; known roles: "
+                            f"{', '.join(known_roles())}")
 
     def apply(self, model: nn.Module, calibration=None, ctx=None) -> dict:
         return compensate_low_rank(model, self.rank, self.iterations, self.roles)
@@ -86,11 +89,13 @@ class SVDQuantBranch(Method):
 
     def __post_init__(self):
         self.roles = list(self.roles)
-        if unknown := sorted(set(self.roles) - set(ROLES)):
-            raise UserError(f"SVDQuantBranch.roles: unknown role(s) {unknown}; known roles: {', '.join(ROLES)}")
+        if unknown := sorted(set(self.roles) - set(known_roles())):
+            raise UserError(f"SVDQuantBranch.roles: unknown role(s) {unknown}; known roles: "
+                            f"{', '.join(known_roles())}")
 
     def _layers(self, model: nn.Module) -> dict:
-        layers = {m.name: m for m in quant_layers(model) if m.role in self.roles}
+        selected = adapter_for(model).selected_roles(model, self.roles)
+        layers = {m.name: m for m in quant_layers(model) if m.role in selected}
         if not layers:
             raise UserError(f"SVDQuantBranch: no quantized layer has a role in {self.roles}")
         return layers

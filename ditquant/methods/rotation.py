@@ -47,13 +47,14 @@ class InputRotation(Method):
 
     def _plan(self, model: nn.Module) -> tuple[list, list]:
         """(fold points to rotate there, layers to rotate online)."""
-        layers = [q for q in quant_layers(model) if q.role in self.roles]
+        selected = adapter_for(model).selected_roles(model, self.roles)
+        layers = [q for q in quant_layers(model) if q.role in selected]
         if not layers:
             raise UserError(f"InputRotation: no quantized layer has a role in {self.roles}")
         rotation, folds = Rotation.of(self.kind, self.seed), []
         if self.fold:
             for point in adapter_for(model).rescalable_inputs(model):
-                if point.rotate is not None and point.role in self.roles and _has_rotation(rotation, point.head_dim):
+                if point.rotate is not None and point.role in selected and _has_rotation(rotation, point.head_dim):
                     folds.append(point)
         folded = {id(m) for point in folds for m in point.consumers}
         return folds, [q for q in layers if id(q) not in folded]

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from ditquant.calibration.dataset import CalibrationSet
 from ditquant.errors import UserError
 from ditquant.methods.base import Method, register
-from ditquant.models.folding import input_weights, require_modulation
+from ditquant.models.folding import input_weights
 from ditquant.methods.salience import activation_salience, weight_salience
 from ditquant.methods.statistics import visit_block_inputs
 from ditquant.models.adapters import adapter_for
@@ -122,7 +122,7 @@ def smooth_model(model: nn.Module, calibration: CalibrationSet, alphas: Sequence
     """TAS on every block of a quantized ``model`` (FP function unchanged): α searched per input over ``alphas``, or
     ``alpha`` for all; returns the chosen α and scores per input."""
     alphas = check_alphas([alpha] if alpha is not None else alphas)
-    require_modulation(model)
+    adapter_for(model).require_exact_folds(model)
     weight_spec, act_spec = _layer_specs(model)
     act_max = temporal_max(model, calibration, batch_size)
     losses = alpha_losses(model, calibration, act_max, weight_spec, act_spec, alphas, batch_size)

@@ -1,6 +1,7 @@
 """PixArt-α / PixArt-Σ: loading a text-to-image pipeline and turning prompts into the denoiser's condition.
 
-Sources: a ``PixArtAlphaPipeline`` / ``PixArtSigmaPipeline`` folder (transformer/, vae/, text_encoder/,
+Sources: ``bundled`` (the mini PixArt trained here on Fashion-MNIST), a ``PixArtAlphaPipeline`` /
+``PixArtSigmaPipeline`` folder (transformer/, vae/, text_encoder/,
 tokenizer/, scheduler/, model_index.json), a bare ``PixArtTransformer2DModel`` folder (the text encoder and VAE
 then come from the ``text_encoder`` / ``vae`` options), or a hub id (read from the local Hugging Face cache, the
 network only when it is not there). Weights are read from safetensors or with ``torch.load(weights_only=True)``.
@@ -13,6 +14,7 @@ so calibration sets, samplers and guidance pairs work unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ import torch
 from diffusers import AutoencoderKL, PixArtTransformer2DModel
 
 from ditquant.errors import UserError
+from ditquant.models.bundled.captions import PROMPTS as CLASS_PROMPTS
+from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import (_load_model_folder, _looks_like_hub_id, _offline, _require_network,
                                      check_finite_weights)
 from ditquant.models.pixart_layout import install_modulation_multipliers
@@ -60,8 +64,11 @@ class PixArtSource:
     """Where the PixArt pipeline comes from.
 
     Args:
-        source: a PixArtAlphaPipeline / PixArtSigmaPipeline folder, a PixArtTransformer2DModel folder, or a hub id
-            such as "PixArt-alpha/PixArt-XL-2-512x512".
+        source: "bundled" (the mini PixArt trained here), a PixArtAlphaPipeline / PixArtSigmaPipeline folder, a
+            PixArtTransformer2DModel folder, or a hub id such as "PixArt-alpha/PixArt-XL-2-512x512".
+        prompts: a text file, one prompt per line: the conditions calibration and ``ditquant test`` draw from (in
+            turn, as classes for DiT). Default: the bundled model's ten class prompts, or a built-in set of 16
+            photographic prompts for other models.
         text_encoder: a T5 encoder folder (or a pipeline folder holding text_encoder/ and tokenizer/); defaults to
             the pipeline's own. A bare transformer folder needs it to encode prompts.
         vae: an AutoencoderKL folder (or a pipeline folder holding vae/); defaults to the pipeline's; "none": latents
@@ -69,20 +76,22 @@ class PixArtSource:
         max_sequence_length: text tokens per prompt (120 for PixArt-α, 300 for PixArt-Σ, as their pipelines).
     """
 
-    source: str
+    source: str = "bundled"
+    prompts: Optional[str] = None
     text_encoder: Optional[str] = None
     vae: Optional[str] = None
     max_sequence_length: int = 120
 
     def __post_init__(self):
-        for key in ("source", "text_encoder", "vae"):
+        for key in ("source", "prompts", "text_encoder", "vae"):
             value = getattr(self, key)
             if isinstance(value, Path):
                 object.__setattr__(self, key, str(value))
             elif value is not None and (not isinstance(value, str) or not value):
                 raise UserError(f"PixArtSource.{key} must be a folder or a hub id, got {value!r}")
         if self.source is None:
-            raise UserError("PixArtSource.source is required (a pipeline folder, a transformer folder or a hub id)")
+            raise UserError("PixArtSource.source is required (bundled, a pipeline folder, a transformer folder or a "
+                            "hub id)")
         if isinstance(self.max_sequence_length, bool) or not isinstance(self.max_sequence_length, int) \
                 or self.max_sequence_length <= 0:
             raise UserError(f"PixArtSource.max_sequence_length must be a positive integer, got "
@@ -102,11 +111,27 @@ class LoadedPixArt:
     vae_scale_factor: int  # pixels per latent along a side (8 for the SD VAE)
     description: str
     source: PixArtSource = field(default=None)
+    prompts: Optional["PromptTable"] = None  # the source's prompts, encoded (None without a text encoder)
+
+    @property
+    def config(self) -> DiTConfig:
+        """The shape ditquant samples with: latent channels and side, and the prompts in the classes' place."""
+        c = self.transformer.config
+        return DiTConfig(hidden_size=c.num_attention_heads * c.attention_head_dim, depth=c.num_layers,
+                         num_heads=c.num_attention_heads, patch_size=c.patch_size, input_size=c.sample_size,
+                         in_channels=c.in_channels, num_classes=self.prompts.null_index if self.prompts else 1,
+                         learn_sigma=c.out_channels == 2 * c.in_channels)
 
 
 def load_pixart(source: PixArtSource) -> LoadedPixArt:
     """Load the pipeline parts ``source`` names (see ``PixArtSource``); checks that they fit together."""
-    root = _local_folder(source.source, "model.pixart.source")
+    if source.source == "bundled":
+        from ditquant.models.bundled import PIXART_DIR
+
+        if not PIXART_DIR.is_dir():
+            raise FileNotFoundError(f"the bundled mini PixArt {PIXART_DIR} does not exist yet; train it with "
+                                    "`python -m ditquant.models.bundled.train_pixart` or pass another source")
+    root = PIXART_DIR if source.source == "bundled" else _local_folder(source.source, "model.pixart.source")
     if (root / "config.json").is_file():  # a bare transformer folder
         transformer_dir, pipeline = root, None
     else:
@@ -146,9 +171,18 @@ def load_pixart(source: PixArtSource) -> LoadedPixArt:
                    f"x{c.sample_size}, caption {c.caption_channels}) from {transformer_dir}")
     description += f"; text encoder from {text_root}" if text_root is not None else "; no text encoder"
     description += "; VAE" if vae is not None else "; no VAE (latents are not decoded)"
+    prompts = None
+    if text_encoder is not None:
+        texts = (read_prompts(source.prompts, "model.pixart.prompts") if source.prompts is not None
+                 else list(CLASS_PROMPTS if source.source == "bundled" else BUILTIN_PROMPTS))
+        prompts = encode_prompts(text_encoder, tokenizer, texts, source.max_sequence_length, vae_scale,
+                                 where="model.pixart.prompts")
+        digest = hashlib.sha256(prompts.embeddings.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+        description += (f"; {len(texts)} prompts, {source.max_sequence_length} tokens (embeddings sha256 "
+                        f"{digest})")  # the text encoder's weights and the prompts, as the calibration set sees them
     return LoadedPixArt(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         scheduler=scheduler, latent_scale=float(vae.config.scaling_factor) if vae else 1.0,
-                        vae_scale_factor=vae_scale, description=description, source=source)
+                        vae_scale_factor=vae_scale, description=description, source=source, prompts=prompts)
 
 
 def _local_folder(spec: str, option: str) -> Path:

@@ -12,6 +12,10 @@ Roles (the DiT roles where the layer does the same job, so method configs name t
   (``attn2.to_out.0``), ``fc1`` / ``fc2``.
 - ``final_linear``: ``proj_out``.
 
+A config listing ``qkv`` / ``attn_out`` selects the cross-attention roles too (``IMPLIED_ROLES``), so the method
+configs written for DiT (``roles: [qkv, attn_out, fc1, fc2]``) quantize every linear of a PixArt block; an override
+by layer pattern (``transformer_blocks.*.attn2.*``) keeps the cross-attention at other bits.
+
 adaLN-single and per-channel folds. A block's attention input is LN(x)·(1 + scale) + shift with
 (shift, scale) = table_b + t, where t = adaln_single(timestep) is shared by all blocks. Dividing that input by s
 cannot go into the shared linear's rows (every block would need its own s), so each block gets a per-channel
@@ -49,6 +53,9 @@ ROLE_PATTERNS = {
     "final_linear": ("proj_out",),
 }
 ROLES = tuple(ROLE_PATTERNS)
+# A config that names the block's attention roles (as the Q-DiT / DiTAS configs do: qkv, attn_out, fc1, fc2) means
+# every attention's: the cross-attention's layers are quantized with the self-attention's.
+IMPLIED_ROLES = {"qkv": ("cross_q", "cross_kv"), "attn_out": ("cross_out",)}
 # Reconstruction units in forward order: every layer outside the blocks is a unit of its own (the shared timestep
 # and caption MLPs run once, before the first block), every block is one.
 UNITS_IN_ORDER = (re.compile(r"pos_embed\.proj"), re.compile(r"adaln_single\.emb\.\w+\.linear_\d"),

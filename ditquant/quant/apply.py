@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.table import Table
@@ -23,6 +23,9 @@ class RoleMap:
 
     roles: tuple[str, ...]
     layers: dict[str, str]
+    # A role a config names that also selects other roles of this family (PixArt: the block's attention roles
+    # ``qkv`` / ``attn_out`` also select its cross-attention's, so one method config serves DiT and PixArt).
+    implies: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def check(self, config: QuantConfig) -> None:
         for where, roles in [("quant.roles", config.roles or [])] + [("quant.overrides.roles", o.roles)
@@ -34,7 +37,10 @@ class RoleMap:
     def selected(self, config: QuantConfig) -> dict[str, str]:
         """Name -> role of the layers ``config`` quantizes (every role when ``config.roles`` is null)."""
         self.check(config)
-        return {name: role for name, role in self.layers.items() if config.roles is None or role in config.roles}
+        if config.roles is None:
+            return dict(self.layers)
+        roles = set(config.roles).union(*(self.implies.get(r, ()) for r in config.roles))
+        return {name: role for name, role in self.layers.items() if role in roles}
 
 
 def wrap_layers(model: nn.Module, config: QuantConfig, role_map: RoleMap, init_weights: bool = True) -> nn.Module:

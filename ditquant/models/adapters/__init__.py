@@ -33,6 +33,12 @@ def adapter_for(model: nn.Module) -> Adapter:
                     f"{', '.join(a.family for a in ADAPTERS)})")
 
 
+def known_roles() -> tuple[str, ...]:
+    """Every layer role some family defines (options naming roles are checked against these before a model is
+    loaded, and against the model's own when it is)."""
+    return tuple(dict.fromkeys(r for adapter in ADAPTERS for r in adapter.roles))
+
+
 def quantize_model(model: nn.Module, config, init_weights: bool = True) -> nn.Module:
     """Wrap ``model``'s layers per ``config`` (the roles its family's adapter defines), in place; weights
     round-to-nearest unless ``init_weights`` is false (a skeleton whose state is loaded afterwards). The model
@@ -55,4 +61,4 @@ def _leave_forward(model: nn.Module, args: tuple, output) -> None:
     model.__dict__["_timestep_scopes"].pop().__exit__(None, None, None)
 
 
-__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "quantize_model"]
+__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "known_roles", "quantize_model"]

@@ -38,6 +38,7 @@ class Adapter:
     """What ditquant needs of a model family (the DiT adapter is the reference implementation)."""
 
     family: str = ""
+    roles: tuple[str, ...] = ()  # the layer roles this family defines
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
@@ -73,6 +74,15 @@ class Adapter:
     def rescalable_inputs(self, model: nn.Module) -> list[RescalableInput]:
         """Every input a method may rescale, block by block, in forward order."""
         raise NotImplementedError
+
+    def require_exact_folds(self, model: nn.Module) -> None:
+        """Refuse (before any work) a model whose modulated inputs have no exact fold point."""
+        raise NotImplementedError
+
+    def selected_roles(self, model: nn.Module, roles) -> set[str]:
+        """The roles a method's ``roles`` option selects in this model (with the roles they imply)."""
+        implies = self.role_map(model).implies
+        return set(roles).union(*(implies.get(r, ()) for r in roles))
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks, in forward order."""

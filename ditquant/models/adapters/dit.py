@@ -18,6 +18,7 @@ _INPUTS = {"attention": ("qkv", "modulation"), "attn_out": ("attn_out", "value")
 
 class DiTAdapter(Adapter):
     family = "dit"
+    roles = layout.ROLES
 
     def matches(self, model: nn.Module) -> bool:
         config = getattr(model, "config", None)
@@ -64,6 +65,9 @@ class DiTAdapter(Adapter):
                     head_dim=block.attn1.inner_dim // block.attn1.heads if value else None,
                     rotate=(lambda q, block=block: folding.rotate_into_value(block, q)) if value else None))
         return points
+
+    def require_exact_folds(self, model: nn.Module) -> None:
+        folding.require_modulation(model)
 
     @staticmethod
     def _rescaler(block: nn.Module, name: str, fold: str):

@@ -40,6 +40,7 @@ def prompts_of(model: nn.Module) -> PromptTable:
 
 class PixArtAdapter(Adapter):
     family = "pixart"
+    roles = pixart_layout.ROLES
 
     def matches(self, model: nn.Module) -> bool:
         config = getattr(model, "config", None)
@@ -84,7 +85,8 @@ class PixArtAdapter(Adapter):
         return prompts_of(model).null_index  # the prompts play the classes' part
 
     def role_map(self, model: nn.Module) -> RoleMap:
-        return RoleMap(roles=pixart_layout.ROLES, layers=pixart_layout.layer_roles(model))
+        return RoleMap(roles=pixart_layout.ROLES, layers=pixart_layout.layer_roles(model),
+                       implies=pixart_layout.IMPLIED_ROLES)
 
     def units(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return pixart_layout.reconstruction_units(model)
@@ -106,6 +108,9 @@ class PixArtAdapter(Adapter):
                     head_dim=attention.inner_dim // attention.heads if value else None,
                     rotate=self._rotator(block, name) if value else None))
         return points
+
+    def require_exact_folds(self, model: nn.Module) -> None:
+        pixart_layout.install_modulation_multipliers(model)  # adaLN-single folds through them (exact)
 
     @staticmethod
     def _rescaler(block: nn.Module, name: str, fold: str, consumer_names: tuple[str, ...]):
