@@ -9,8 +9,8 @@ themselves are registered ``Method`` dataclasses, see ``ditquant.methods``), ``c
 
 __version__ = "0.1.0"
 
-from ditquant.api import (balance, calibrate, calibration_set, generate, gptq, load, low_rank, quantize,  # noqa: E402
-                          reconstruct, sample_set_fid, search_group_sizes, smooth)
+from ditquant.api import (balance, calibrate, calibration_set, generate, gptq, load, load_pixart,  # noqa: E402
+                          low_rank, quantize, reconstruct, sample_set_fid, search_group_sizes, smooth)
 from ditquant.calibration.dataset import (CalibrationRecipe, CalibrationSet, collate_pairs,  # noqa: E402
                                           record_calibration_set)
 from ditquant.diffusion.samplers import SamplerConfig, sample  # noqa: E402
@@ -23,7 +23,8 @@ from ditquant.integer.agreement import block_sqnr, sqnr_db  # noqa: E402
 from ditquant.integer.convert import to_integer  # noqa: E402
 from ditquant.export.integer import load_integer, save_integer  # noqa: E402
 from ditquant.export.diffusers_format import DitQuantConfig, save_diffusers  # noqa: E402  (registers the backend)
-from ditquant.models.adapters import Adapter, DiTAdapter, RescalableInput, adapter_for  # noqa: E402
+from ditquant.models.adapters import Adapter, DiTAdapter, PixArtAdapter, RescalableInput, adapter_for  # noqa: E402
+from ditquant.models.pixart import LoadedPixArt, PixArtSource, PromptTable, encode_prompts  # noqa: E402
 from ditquant.models.loading import DiTSource, LoadedDiT, load_dit  # noqa: E402
 from ditquant.models.adapters import quantize_model  # noqa: E402
 from ditquant.quant.apply import quantization_table  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = ["balance", "calibrate", "calibration_set", "generate", "gptq", "load"
            "collate_pairs", "record_calibration_set", "SamplerConfig", "Interrupted", "UserError",
            "EvaluationConfig", "seeded_noise", "step_generators", "to_uint8", "block_sqnr", "sqnr_db", "to_integer",
            "load_integer", "save_integer", "DitQuantConfig", "save_diffusers", "DiTSource", "LoadedDiT", "load_dit", "quantization_table",
+           "PixArtAdapter", "LoadedPixArt", "PixArtSource", "PromptTable", "encode_prompts", "load_pixart",
            "quantize_model", "load_quantized", "save_quantized", "LayerOverride", "QuantConfig", "QuantLayer",
            "observing_activations", "quant_disabled", "QuantSpec", "ReconstructionConfig", "BlockReconstructor"]
 

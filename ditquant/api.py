@@ -35,6 +35,9 @@ from ditquant.methods.smoothing import ALPHA_GRID
 from ditquant.models.layout import BLOCK_LINEAR_ROLES
 from ditquant.models.loading import DiTSource, LoadedDiT, load_dit
 from ditquant.models.adapters import quantize_model
+from ditquant.models.adapters.pixart import attach_prompts
+from ditquant.models.pixart import LoadedPixArt, PixArtSource, load_pixart as _load_pixart
+from ditquant.errors import UserError
 from ditquant.quant.config import QuantConfig
 from ditquant.reconstruction.config import ReconstructionConfig
 from ditquant.reconstruction.reconstructor import BlockReconstructor
@@ -44,6 +47,17 @@ def load(source: str | Path = "bundled", **options) -> LoadedDiT:
     """A pretrained DiT: ``bundled``, an original checkpoint, a diffusers folder or pipeline, or a hub id;
     ``options`` are ``DiTSource``'s (``name``, ``vae``, architecture checks, ...)."""
     return load_dit(DiTSource(source=str(source), **options))
+
+
+def load_pixart(source: str | Path = "bundled", **options) -> LoadedPixArt:
+    """A PixArt text-to-image pipeline (``bundled``: the mini PixArt; a pipeline folder, a transformer folder, a hub
+    id) with its prompts encoded and attached, so ``loaded.transformer`` takes prompt indices as conditions;
+    ``options`` are ``PixArtSource``'s (``prompts``, ``text_encoder``, ``vae``, ``max_sequence_length``)."""
+    loaded = _load_pixart(PixArtSource(source=str(source), **options))
+    if loaded.prompts is None:
+        raise UserError(f"{source}: no text encoder to encode the prompts with (pass text_encoder=...)")
+    attach_prompts(loaded.transformer, loaded.prompts)
+    return loaded
 
 
 def calibration_set(loaded: LoadedDiT, sampler: SamplerConfig = SamplerConfig(), num_timesteps: Optional[int] = 25,

@@ -55,7 +55,8 @@ class EvalLoop:
         self.evaluator = SampleEvaluator(self.evaluation, self.sampler, self.dit_config, self.model_source,
                                          vae=self.vae, latent_scale=self.latent_scale,
                                          compare_fp=self.quant is not None, fp_reference=fp_reference,
-                                         condition_names=self.condition_names())
+                                         condition_names=self.condition_names(),
+                                         conditions_are_classes=self.conditions_are_classes())
         log.info("test: sampling %d images (%s, %d steps)%s", num_samples, self.sampler.kind, self.sampler.num_steps,
                  f"; FP samples from {self.evaluation.fp_reference}" if fp_reference is not None else "")
 

@@ -146,6 +146,11 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         """The prompts a PixArt model's condition indices stand for (None for class-conditional DiT)."""
         return list(self._loaded.prompts.prompts) if self.pixart_source is not None else None
 
+    def conditions_are_classes(self) -> bool:
+        """Condition i asks for Fashion-MNIST class i: the bundled DiT's labels, the mini PixArt's class prompts."""
+        source = self.model_source
+        return source.source == "bundled" and getattr(source, "prompts", None) is None
+
     @contextlib.contextmanager
     def fp_view(self):
         """The loaded model exactly as loaded (quantized layers unwrapped) for the block: what the calibration set

@@ -251,3 +251,50 @@ def test_every_method_runs_on_a_tiny_pixart(tiny_calibration, method):
     reference = dq.generate(loaded.transformer, labels=torch.tensor([0, 1]), sampler=sampler)
     assert images.shape == reference.shape == (2, 4, 8, 8) and torch.isfinite(images).all()
     assert not torch.equal(images, reference)
+
+
+def test_fit_and_test_from_the_cli_with_a_prompts_file(tmp_path, pipeline_folder):
+    """The DiT method config serves PixArt: the model option selects the family; test writes the prompts beside
+    the samples and names them in the grid."""
+    import numpy as np
+
+    from tests.cli_helpers import run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shirt\na blue dress\na small bag\n")
+    common = ["--config", "configs/ptq4dit_w4a8.yaml", "--model.pixart.source", str(pipeline_folder),
+              "--model.pixart.prompts", str(prompts), "--trainer.default_root_dir", str(tmp_path / "run"),
+              "--data.cache_dir", str(tmp_path / "calibration"), "--model.sampler.num_steps", "6",
+              "--data.num_timesteps", "3", "--data.samples_per_timestep", "4", "--model.reconstruction.iterations",
+              "3", "--model.reconstruction.batch_size", "8", "--model.evaluation.fid_features", "none",
+              "--trainer.enable_progress_bar", "false"]
+    run("fit", *common)
+    run("test", *common, "--data.num_test_samples", "6", "--data.test_batch_size", "3")
+    out = tmp_path / "run" / "test"
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red shirt", "a blue dress", "a small bag"]
+    with np.load(out / "samples.npz") as archive:
+        assert archive["arr_0"].shape == (6, 16, 16, 3) and archive["arr_1"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert json.loads((out / "metrics.json").read_text())["psnr_vs_fp"] > 0
+    with pytest.raises(SystemExit, match="supports the DiT family so far"):
+        run("export", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
+    with pytest.raises(SystemExit, match="holds no prompts"):
+        prompts.write_text("\n")
+        run("test", *common, "--data.num_test_samples", "6")
+
+
+@torch.no_grad()
+def test_dpm_solver_sampling_equals_the_pipeline(pipeline_folder, loaded):
+    """ditquant's sampler on the adapter reproduces PixArtAlphaPipeline's own latents bit for bit (DPM-Solver++,
+    guidance with the empty prompt, learned σ dropped), from the same initial noise."""
+    import ditquant as dq
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(pipeline_folder)
+    _with_prompts(loaded)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = dq.SamplerConfig(kind="dpm_solver", num_steps=5, cfg_scale=4.5)
+    ours = dq.diffusion.samplers.sample(loaded.transformer, noise.clone(), torch.tensor([1]), config)
+    theirs = pipe(PROMPTS[1], latents=noise.clone(), num_inference_steps=5, guidance_scale=4.5, height=16, width=16,
+                  output_type="latent", use_resolution_binning=False, clean_caption=False).images
+    assert torch.equal(ours, theirs)
+    assert config.timesteps() == [999, 799, 599, 400, 200]

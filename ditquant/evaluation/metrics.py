@@ -120,3 +120,13 @@ def inception_score(**kwargs):
     from torchmetrics.image.inception import InceptionScore
 
     return InceptionScore(normalize=True, **kwargs)
+
+
+@torch.no_grad()
+def class_accuracy(images, labels, classifier_path: str | Path = CLASSIFIER_FILE, batch_size: int = 500) -> float:
+    """The domain classifier's accuracy on samples whose condition names a Fashion-MNIST class (uint8 NHWC images,
+    28x28, 1 or 3 channels; ``labels``: the class each sample was asked for)."""
+    classifier = load_classifier(classifier_path)
+    x = torch.as_tensor(images).float().div(127.5).sub(1.0).permute(0, 3, 1, 2).mean(dim=1, keepdim=True)
+    predicted = torch.cat([classifier(x[i:i + batch_size]).argmax(dim=1) for i in range(0, len(x), batch_size)])
+    return float((predicted == torch.as_tensor(labels)).float().mean())

@@ -165,11 +165,12 @@ class SampleEvaluator:
 
     def __init__(self, config: EvaluationConfig, sampler: SamplerConfig, dit: DiTConfig, source, vae=None,
                  latent_scale: float = 1.0, compare_fp: bool = True, fp_reference: Optional[np.ndarray] = None,
-                 condition_names: Optional[list[str]] = None):
+                 condition_names: Optional[list[str]] = None, conditions_are_classes: bool = False):
         """``fp_reference``: the FP samples (uint8, by sample index) to compare with instead of sampling FP;
         ``condition_names``: what each condition index means (a text-to-image model's prompts), shown in the grids
-        and written to ``prompts.txt``."""
-        self.condition_names = condition_names
+        and written to ``prompts.txt``; ``conditions_are_classes``: condition i asks for Fashion-MNIST class i (the
+        bundled models), so the domain classifier's accuracy on the samples is reported (``class_accuracy``)."""
+        self.condition_names, self.conditions_are_classes = condition_names, conditions_are_classes
         self.config, self.sampler, self.dit, self.source = config, sampler, dit, source
         self.vae, self.latent_scale = vae, latent_scale
         self.compare_fp = compare_fp and config.compare_fp
@@ -274,6 +275,10 @@ class SampleEvaluator:
             metrics["fid_vs_data"] = float(self.fid.compute())
         if self.inception_score is not None and len(images) >= 2:
             metrics["inception_score"] = float(self.inception_score.compute()[0])
+        if self.conditions_are_classes and len(images):
+            from ditquant.evaluation.metrics import class_accuracy
+
+            metrics["class_accuracy"] = class_accuracy(images, labels)
         if self.compare_fp:
             metrics["psnr_vs_fp"] = float(data["psnr"].mean())
             if self.paired is not None and len(images) >= 2:

@@ -144,11 +144,11 @@ def load_dit(source: DiTSource) -> LoadedDiT:
                 raise FileNotFoundError(
                     f"the bundled DiT {path} does not exist yet; train it with "
                     f"`python -m ditquant.models.bundled.train_dit` or pass another source")
-            transformer, where = _load_model_folder(DiTTransformer2DModel, path), f"bundled model {path}"
+            transformer, where = load_model_folder(DiTTransformer2DModel, path), f"bundled model {path}"
         elif kind == "model":
-            transformer, where = _load_model_folder(DiTTransformer2DModel, path), f"diffusers folder {path}"
+            transformer, where = load_model_folder(DiTTransformer2DModel, path), f"diffusers folder {path}"
         elif kind == "pipeline":
-            transformer = _load_model_folder(DiTTransformer2DModel, path / "transformer")
+            transformer = load_model_folder(DiTTransformer2DModel, path / "transformer")
             where = f"DiTPipeline folder {path}"
             if (path / "vae").is_dir():
                 default_vae = path / "vae"
@@ -168,7 +168,7 @@ def load_dit(source: DiTSource) -> LoadedDiT:
         if source.vae.lower() != "none":
             vae, vae_where = _load_vae(source.vae)
     elif default_vae is not None:
-        vae, vae_where = _load_model_folder(AutoencoderKL, default_vae), str(default_vae)
+        vae, vae_where = load_model_folder(AutoencoderKL, default_vae), str(default_vae)
     elif hub_vae is not None:
         try:
             vae, vae_where = _load_hub(AutoencoderKL, hub_vae, ("vae",))[0], f"hub model {hub_vae} (vae/)"
@@ -198,7 +198,7 @@ def load_dit(source: DiTSource) -> LoadedDiT:
 # What a source string is
 # --------------------------------------------------------------------------------------------------------------
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
     return bool(_HUB_ID.match(text)) and not text.endswith((*CHECKPOINT_SUFFIXES, ".bin", ".json"))
 
 
@@ -225,7 +225,7 @@ def classify_source(source: str) -> tuple[str, Optional[Path]]:
             return "pipeline", path
         raise UserError(f"{path} is neither a diffusers model folder (config.json + {_SAFETENSORS[0]}) nor a "
                         f"DiTPipeline folder (transformer/, vae/, model_index.json)")
-    if _looks_like_hub_id(source):
+    if looks_like_hub_id(source):
         return "hub", None
     raise FileNotFoundError(f"{source} does not exist (nor is it a hub id like 'facebook/DiT-XL-2-256')")
 
@@ -234,7 +234,7 @@ def classify_source(source: str) -> tuple[str, Optional[Path]]:
 # Folders and the hub
 # --------------------------------------------------------------------------------------------------------------
 
-def _load_model_folder(cls, folder: Path, class_names: tuple[str, ...] | None = None,
+def load_model_folder(cls, folder: Path, class_names: tuple[str, ...] | None = None,
                        norm_type: str | None = None):
     """A diffusers model of class ``cls`` from a local folder (safetensors, or .bin read with weights_only).
     ``class_names``: the ``_class_name`` values accepted (default: the class's own; for DiT also the older
@@ -294,19 +294,19 @@ def _few(items, n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     return flag or bool(constants.HF_HUB_OFFLINE)  # constants are read at import; the env var may be set later
 
 
-def _require_network(repo_id: str) -> None:
+def require_network(repo_id: str) -> None:
     """Fail in seconds, not after the hub client's retries, when the hub cannot be reached."""
     from huggingface_hub import constants
 
     hint = f"cannot download hub model {repo_id!r}"
-    if _offline():
+    if hub_offline():
         raise ConnectionError(f"{hint}: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                               f"pass a local folder")
     url = urlsplit(constants.ENDPOINT)
@@ -323,7 +323,7 @@ def _load_hub(cls, repo_id: str, subfolders: tuple[Optional[str], ...]):
     last: Optional[Exception] = None
     for local_only in (True, False):
         if not local_only:
-            _require_network(repo_id)
+            require_network(repo_id)
         for subfolder in subfolders:
             try:
                 with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated
@@ -341,10 +341,10 @@ def _load_vae(spec: str) -> tuple[AutoencoderKL, str]:
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-        return _load_model_folder(AutoencoderKL, folder), str(folder)
+        return load_model_folder(AutoencoderKL, folder), str(folder)
     if path.exists():
         raise UserError(f"vae={spec!r} is a file; pass an AutoencoderKL folder (config.json + weights)")
-    if _looks_like_hub_id(spec):
+    if looks_like_hub_id(spec):
         model, subfolder = _load_hub(AutoencoderKL, spec, (None, "vae"))
         return model, f"hub model {spec}" + (f" ({subfolder}/)" if subfolder else "")
     raise FileNotFoundError(f"vae={spec!r} does not exist (nor is it a hub id like 'stabilityai/sd-vae-ft-ema')")

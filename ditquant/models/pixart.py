@@ -27,8 +27,8 @@ from diffusers import AutoencoderKL, PixArtTransformer2DModel
 from ditquant.errors import UserError
 from ditquant.models.bundled.captions import PROMPTS as CLASS_PROMPTS
 from ditquant.models.dit import DiTConfig
-from ditquant.models.loading import (_load_model_folder, _looks_like_hub_id, _offline, _require_network,
-                                     check_finite_weights)
+from ditquant.models.loading import (check_finite_weights, hub_offline, load_model_folder, looks_like_hub_id,
+                                     require_network)
 from ditquant.models.pixart_layout import install_modulation_multipliers
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def load_pixart(source: PixArtSource) -> LoadedPixArt:
     else:
         pipeline = _check_pipeline(root)
         transformer_dir = root / "transformer"
-    transformer = _load_model_folder(PixArtTransformer2DModel, transformer_dir, class_names=TRANSFORMER_CLASSES,
+    transformer = load_model_folder(PixArtTransformer2DModel, transformer_dir, class_names=TRANSFORMER_CLASSES,
                                      norm_type="ada_norm_single")
     install_modulation_multipliers(transformer)
     transformer.eval().requires_grad_(False)
@@ -154,9 +154,9 @@ def load_pixart(source: PixArtSource) -> LoadedPixArt:
     vae = None
     if source.vae is not None and source.vae.lower() != "none":
         vae_root = _local_folder(source.vae, "model.pixart.vae")
-        vae = _load_model_folder(AutoencoderKL, vae_root / "vae" if (vae_root / "vae").is_dir() else vae_root)
+        vae = load_model_folder(AutoencoderKL, vae_root / "vae" if (vae_root / "vae").is_dir() else vae_root)
     elif source.vae is None and pipeline is not None:
-        vae = _load_model_folder(AutoencoderKL, pipeline / "vae")
+        vae = load_model_folder(AutoencoderKL, pipeline / "vae")
     if vae is not None:
         if vae.config.latent_channels != transformer.config.in_channels:
             raise UserError(f"the VAE has {vae.config.latent_channels} latent channels, but the transformer takes "
@@ -192,7 +192,7 @@ def _local_folder(spec: str, option: str) -> Path:
         return path
     if path.exists():
         raise UserError(f"{option}={spec!r} is a file; pass a folder")
-    if not _looks_like_hub_id(spec):
+    if not looks_like_hub_id(spec):
         raise FileNotFoundError(f"{option}={spec!r} does not exist (nor is it a hub id like "
                                 f"'PixArt-alpha/PixArt-XL-2-512x512')")
     from huggingface_hub import snapshot_download
@@ -201,10 +201,10 @@ def _local_folder(spec: str, option: str) -> Path:
     try:
         return Path(snapshot_download(spec, allow_patterns=list(_HUB_FILES), local_files_only=True))
     except LocalEntryNotFoundError:
-        if _offline():
+        if hub_offline():
             raise ConnectionError(f"{option}={spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
                                   "set; pass a local folder") from None
-    _require_network(spec)
+    require_network(spec)
     return Path(snapshot_download(spec, allow_patterns=list(_HUB_FILES)))
 
 
