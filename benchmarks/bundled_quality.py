@@ -2,8 +2,11 @@
 
     python benchmarks/bundled_quality.py configs/rtn_w8a8.yaml configs/rtn_w4a8.yaml [--num-samples 1000]
     python benchmarks/bundled_quality.py configs/ptq4dit_w4a8.yaml+configs/ablations/ptq4dit_csb_mid.yaml
+    python benchmarks/bundled_quality.py --model configs/models/mini-pixart.yaml configs/rtn_w8a8.yaml  # mini PixArt
 
 A row may compose configs with ``+`` (an ablation overlay after its method config); it is named after the last one.
+``--model`` puts a model config in front of every row (the FP row included), as ``ditquant fit --config MODEL
+--config METHOD`` does; the method configs then override its settings as they override the bundled DiT's defaults.
 
 Runs ``ditquant test --config configs/fp.yaml`` and, per config, ``ditquant fit`` then ``ditquant test``, each in
 ``runs/quality/<name>``; prints a markdown table of FID vs data, FID vs FP, PSNR vs FP and calibration time
@@ -35,12 +38,14 @@ def main() -> None:
     p.add_argument("--fp", default="configs/fp.yaml",
                    help="the FP row; e.g. configs/qdit_w4a8.yaml+configs/fp.yaml for the FP model under Q-DiT's "
                         "sampler (DDIM 50)")
+    p.add_argument("--model", default=None, help="a model config in front of every row (default: the bundled DiT)")
     args = p.parse_args()
 
     rows = []
     for i, row in enumerate([args.fp, *args.configs]):
         configs = [Path(c) for c in row.split("+")]
         name = "fp" if i == 0 else configs[-1].stem
+        configs = [Path(args.model), *configs] if args.model else configs
         root = args.out / name
         common = [*(arg for c in configs for arg in ("--config", str(c))), "--trainer.default_root_dir", str(root),
                   "--data.num_test_samples", str(args.num_samples), "--trainer.enable_progress_bar", "false"]
@@ -55,13 +60,15 @@ def main() -> None:
         rows.append((name, metrics, fit_s))
 
     sampler = rows[0][1]["sampler"]
-    print(f"\n{args.num_samples} samples, DDPM {sampler['num_steps']} steps, cfg {sampler['cfg_scale']}, seed 0\n")
-    print("| config | FID vs data | FID vs FP | PSNR vs FP (dB) | calibration time (s) |")
-    print("|---|---|---|---|---|")
+    print(f"\n{args.num_samples} samples, {sampler['kind']} {sampler['num_steps']} steps, cfg {sampler['cfg_scale']}, "
+          "seed 0\n")
+    print("| config | FID vs data | FID vs FP | PSNR vs FP (dB) | class accuracy | calibration time (s) |")
+    print("|---|---|---|---|---|---|")
     fmt = lambda v, f="{:.2f}": "–" if v is None else f.format(v)  # noqa: E731
     for name, m, fit_s in rows:
+        accuracy = m.get("class_accuracy")
         print(f"| {name} | {fmt(m.get('fid_vs_data'))} | {fmt(m.get('fid_vs_fp'))} | {fmt(m.get('psnr_vs_fp'))} "
-              f"| {fmt(fit_s, '{:.0f}')} |")
+              f"| {fmt(None if accuracy is None else 100 * accuracy, '{:.1f} %')} | {fmt(fit_s, '{:.0f}')} |")
 
 
 if __name__ == "__main__":

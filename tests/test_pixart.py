@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from ditquant import QuantConfig
+from ditquant.calibration.dataset import load_or_record
 from ditquant.quant.spec import QuantSpec
 from ditquant.errors import UserError
 from ditquant.models.adapters import adapter_for, quantize_model
@@ -298,3 +299,20 @@ def test_dpm_solver_sampling_equals_the_pipeline(pipeline_folder, loaded):
                   output_type="latent", use_resolution_binning=False, clean_caption=False).images
     assert torch.equal(ours, theirs)
     assert config.timesteps() == [999, 799, 599, 400, 200]
+
+
+def test_calibration_recipe_follows_the_prompts(tmp_path, pipeline_folder):
+    """The same prompts give the same calibration file (byte-identical when recorded again); other prompts another."""
+    import ditquant as dq
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("a red shirt\na blue dress\n")
+    second.write_text("a red shirt\na small bag\n")
+    sampler = dq.SamplerConfig(kind="dpm_solver", num_steps=4, cfg_scale=4.5)
+    paths = []
+    for prompts, cache in ((first, "one"), (first, "two"), (second, "one")):
+        loaded = dq.load_pixart(pipeline_folder, prompts=str(prompts))
+        _, path = load_or_record(loaded, sampler, tmp_path / cache, num_timesteps=2, samples_per_timestep=3)
+        paths.append(path)
+    assert paths[0].name == paths[1].name and paths[0].read_bytes() == paths[1].read_bytes()
+    assert paths[2].name != paths[0].name
