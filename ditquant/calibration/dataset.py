@@ -202,8 +202,9 @@ def calibration_batches(calibration: Dataset, batch_size: int) -> DataLoader:
 def load_or_record(loaded, sampler: SamplerConfig, cache_dir: str | Path, num_timesteps: Optional[int] = 25,
                    samples_per_timestep: int = 32, seed: int = 0, classes: Optional[tuple[int, ...]] = None,
                    device: Optional[torch.device] = None) -> tuple["CalibrationSet", Path]:
-    """The calibration set of ``loaded`` (a ``LoadedDiT`` or ``LoadedPixArt``, FP) for this recipe: reused from ``cache_dir`` when a
-    file with the same recipe exists there, else recorded from the FP sampler and saved. Returns it and its file.
+    """The calibration set of ``loaded`` (a ``LoadedDiT`` or ``LoadedPixArt``, FP) for this recipe: reused from
+    ``cache_dir`` when a file with the same recipe exists there, else recorded from the FP sampler and saved. Returns
+    it and its file.
 
     The FP weights' fingerprint is part of the recipe, so retrained or edited weights never reuse a stale set.
     ``num_timesteps`` None records every step of the sampler's trajectory (DiTAS)."""

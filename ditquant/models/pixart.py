@@ -151,17 +151,7 @@ def load_pixart(source: PixArtSource) -> LoadedPixArt:
         if width != expected:
             raise UserError(f"the text encoder from {text_root} gives {width}-wide features, but the transformer's "
                             f"caption projection takes caption_channels={expected}")
-    vae = None
-    if source.vae is not None and source.vae.lower() != "none":
-        vae_root = _local_folder(source.vae, "model.pixart.vae")
-        vae = load_model_folder(AutoencoderKL, vae_root / "vae" if (vae_root / "vae").is_dir() else vae_root)
-    elif source.vae is None and pipeline is not None:
-        vae = load_model_folder(AutoencoderKL, pipeline / "vae")
-    if vae is not None:
-        if vae.config.latent_channels != transformer.config.in_channels:
-            raise UserError(f"the VAE has {vae.config.latent_channels} latent channels, but the transformer takes "
-                            f"in_channels={transformer.config.in_channels}")
-        vae.eval().requires_grad_(False)
+    vae = _load_vae(source, pipeline, transformer.config.in_channels)
     scheduler = _load_scheduler(pipeline / "scheduler") if pipeline is not None else None
 
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8  # as the pipeline
@@ -173,16 +163,38 @@ def load_pixart(source: PixArtSource) -> LoadedPixArt:
     description += "; VAE" if vae is not None else "; no VAE (latents are not decoded)"
     prompts = None
     if text_encoder is not None:
-        texts = (read_prompts(source.prompts, "model.pixart.prompts") if source.prompts is not None
-                 else list(CLASS_PROMPTS if source.source == "bundled" else BUILTIN_PROMPTS))
-        prompts = encode_prompts(text_encoder, tokenizer, texts, source.max_sequence_length, vae_scale,
-                                 where="model.pixart.prompts")
+        prompts = _source_prompts(source, text_encoder, tokenizer, vae_scale)
         digest = hashlib.sha256(prompts.embeddings.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
-        description += (f"; {len(texts)} prompts, {source.max_sequence_length} tokens (embeddings sha256 "
+        description += (f"; {prompts.null_index} prompts, {source.max_sequence_length} tokens (embeddings sha256 "
                         f"{digest})")  # the text encoder's weights and the prompts, as the calibration set sees them
     return LoadedPixArt(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         scheduler=scheduler, latent_scale=float(vae.config.scaling_factor) if vae else 1.0,
                         vae_scale_factor=vae_scale, description=description, source=source, prompts=prompts)
+
+
+def _load_vae(source: PixArtSource, pipeline: Optional[Path], latent_channels: int) -> Optional[AutoencoderKL]:
+    """The ``vae`` option's VAE, else the pipeline's; None for "none" or a bare transformer folder."""
+    if source.vae is not None and source.vae.lower() == "none":
+        return None
+    if source.vae is not None:
+        root = _local_folder(source.vae, "model.pixart.vae")
+        vae = load_model_folder(AutoencoderKL, root / "vae" if (root / "vae").is_dir() else root)
+    elif pipeline is not None:
+        vae = load_model_folder(AutoencoderKL, pipeline / "vae")
+    else:
+        return None
+    if vae.config.latent_channels != latent_channels:
+        raise UserError(f"the VAE has {vae.config.latent_channels} latent channels, but the transformer takes "
+                        f"in_channels={latent_channels}")
+    return vae.eval().requires_grad_(False)
+
+
+def _source_prompts(source: PixArtSource, text_encoder, tokenizer, vae_scale: int) -> "PromptTable":
+    """The prompts file's prompts (default: the mini model's class prompts, or the built-in set), encoded."""
+    texts = (read_prompts(source.prompts, "model.pixart.prompts") if source.prompts is not None
+             else list(CLASS_PROMPTS if source.source == "bundled" else BUILTIN_PROMPTS))
+    return encode_prompts(text_encoder, tokenizer, texts, source.max_sequence_length, vae_scale,
+                          where="model.pixart.prompts")
 
 
 def _local_folder(spec: str, option: str) -> Path:
