@@ -64,6 +64,19 @@ def build_transformer():
                                     cross_attention_dim=128)
 
 
+@torch.no_grad()
+def initialize_caption_path(transformer) -> None:
+    """The caption projection in LeCun-normal (std 1/√fan_in) instead of the default ~1/√(3·fan_in): its output
+    then has the residual stream's scale (measured: token norm ≈ 1.6 with the default init against ≈ 8 for the
+    patch tokens), so the prompt has a voice from the start. With the default init, text had barely any effect
+    after 1,250 steps (ε-MSE given the prompt 0.3–1.6 % below the empty prompt's at t = 50–600, 7 % classifier
+    accuracy at guidance 3 on 30 samples; this init: 2.9 % at t = 600, 20 %), as DiT's small label init had none
+    within a CPU budget for the bundled DiT."""
+    for linear in (transformer.caption_projection.linear_1, transformer.caption_projection.linear_2):
+        torch.nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+        torch.nn.init.zeros_(linear.bias)
+
+
 def _save(checkpoint: Path, state: dict) -> None:
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(checkpoint) as tmp:
@@ -162,6 +175,7 @@ def train_transformer(args, images: torch.Tensor, labels: torch.Tensor) -> None:
     torch.manual_seed(args.seed)
     tokenizer = build_tokenizer()
     model = _TextToImage(build_transformer(), build_text_encoder(len(tokenizer))).train()
+    initialize_caption_path(model.transformer)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     checkpoint = args.checkpoint_dir / "transformer.pt"
