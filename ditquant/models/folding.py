@@ -30,7 +30,7 @@ def _requantize(module: nn.Module) -> None:
         module.init_weight_quantizer()
 
 
-def _ensure_foldable(modules: list[nn.Module]) -> None:
+def ensure_foldable(modules: list[nn.Module]) -> None:
     """Checked before any weight changes: a fold cannot reach a quantized weight that no longer follows W."""
     for m in modules:
         if isinstance(m, QuantLayer) and m.frozen_weight:
@@ -38,7 +38,7 @@ def _ensure_foldable(modules: list[nn.Module]) -> None:
                             "compensated); fold factors into the model before that")
 
 
-def _check(s: torch.Tensor, channels: int, where: str) -> torch.Tensor:
+def check_factor(s: torch.Tensor, channels: int, where: str) -> torch.Tensor:
     if s.shape != (channels,) or not torch.isfinite(s).all() or (s <= 0).any():
         raise UserError(f"{where}: the factor must be {channels} finite positive values, got shape {tuple(s.shape)}")
     return s
@@ -64,7 +64,7 @@ def input_weights(block: nn.Module, consumers: tuple[str, ...]) -> torch.Tensor:
 @torch.no_grad()
 def scale_input_columns(consumers: list[nn.Module], s: torch.Tensor) -> None:
     """W[:, j] *= s_j for every consumer (the input it reads is divided by s)."""
-    _ensure_foldable(consumers)
+    ensure_foldable(consumers)
     for m in consumers:
         lin = fp_layer(m)
         lin.weight.mul_(s.to(lin.weight)[None, :])
@@ -76,10 +76,10 @@ def fold_into_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None
     """Divide the block's modulated ``branch`` input ("attention" or "mlp") by s and compensate in its linears."""
     shift_name, scale_name, consumer_names = MODULATED_INPUTS[branch]
     ada = modulation_linear(block)
-    _ensure_foldable([ada, *(block.get_submodule(n) for n in consumer_names)])
+    ensure_foldable([ada, *(block.get_submodule(n) for n in consumer_names)])
     lin = fp_layer(ada)
     hidden = lin.out_features // len(ADALN_CHUNKS)
-    s = _check(s, hidden, f"fold_into_modulation({branch})").to(lin.weight)
+    s = check_factor(s, hidden, f"fold_into_modulation({branch})").to(lin.weight)
     shift, scale = (_chunk(name, hidden) for name in (shift_name, scale_name))
     lin.weight[shift] /= s[:, None]
     lin.bias[shift] /= s
@@ -95,9 +95,9 @@ def fold_into_value(block: nn.Module, s: torch.Tensor, value_name: str = VALUE_P
     """Divide an attention output projection's input by s through V's rows, and compensate in its weight (the
     block's self-attention unless the names say another attention's projections)."""
     value = block.get_submodule(value_name)
-    _ensure_foldable([value, block.get_submodule(output_name)])
+    ensure_foldable([value, block.get_submodule(output_name)])
     lin = fp_layer(value)
-    s = _check(s, lin.out_features, "fold_into_value").to(lin.weight)
+    s = check_factor(s, lin.out_features, "fold_into_value").to(lin.weight)
     lin.weight /= s[:, None]
     if lin.bias is not None:
         lin.bias /= s
@@ -110,7 +110,7 @@ def divide_online(layer: QuantLayer, s: torch.Tensor) -> None:
     """x / s at run time in front of ``layer``'s input quantizer, and W's columns multiplied by s."""
     if not isinstance(layer, QuantLayer):
         raise UserError("divide_online needs a QuantLayer (the division lives in its forward)")
-    s = _check(s, layer.layer.in_features, f"divide_online({layer.name})").to(layer.layer.weight)
+    s = check_factor(s, layer.layer.in_features, f"divide_online({layer.name})").to(layer.layer.weight)
     scale_input_columns([layer], s)
     layer.divide_input(s)
 
@@ -123,7 +123,7 @@ def rotate_into_value(block: nn.Module, head_rotation: torch.Tensor, value_name:
     b_v ← b_v·Q, W_o ← W_o·Q. Exact, and free at run time."""
     attention = block.get_submodule(value_name.rpartition(".")[0])
     value, out = block.get_submodule(value_name), block.get_submodule(output_name)
-    _ensure_foldable([value, out])
+    ensure_foldable([value, out])
     heads, inner = attention.heads, attention.inner_dim
     if head_rotation.shape != (inner // heads, inner // heads):
         raise UserError(f"rotate_into_value: a per-head rotation must be {inner // heads}x{inner // heads}, got "

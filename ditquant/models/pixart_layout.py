@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ditquant.errors import UserError
+from ditquant.models import folding
 
 ROLE_PATTERNS = {
     "patch_embed": ("pos_embed.proj",),
@@ -126,30 +127,26 @@ def _chunk(name: str) -> int:
 def fold_into_block_modulation(block: nn.Module, branch: str, s: torch.Tensor) -> None:
     """Divide the block's modulated ``branch`` input ("attention" or "mlp") by s: its table rows and its
     multiplier on the shared modulation, exactly; the readers' weight columns multiplied by s."""
-    from ditquant.models.folding import _check, _ensure_foldable, scale_input_columns
-
     if not hasattr(block, "modulation_multiplier"):
         raise UserError("fold_into_block_modulation: the model has no per-block modulation multipliers; load it "
                         "through the PixArt adapter (install_modulation_multipliers)")
     shift_name, scale_name, readers = MODULATED_INPUTS[branch]
     consumers = [block.get_submodule(n) for n in readers]
-    _ensure_foldable(consumers)
+    folding.ensure_foldable(consumers)
     table = block.scale_shift_table  # (6, width)
     multiplier = block.modulation_multiplier.view(len(MODULATION_CHUNKS), -1)
-    s = _check(s, table.shape[1], f"fold_into_block_modulation({branch})").to(table)
+    s = folding.check_factor(s, table.shape[1], f"fold_into_block_modulation({branch})").to(table)
     shift, scale = _chunk(shift_name), _chunk(scale_name)
     table[shift] /= s
     table[scale] = (1 + table[scale]) / s - 1  # x·(1 + scale)/s = x·(1 + scale')
     multiplier[shift] /= s
     multiplier[scale] /= s
-    scale_input_columns(consumers, s)
+    folding.scale_input_columns(consumers, s)
 
 
 @torch.no_grad()
 def fold_into_value(block: nn.Module, name: str, s: torch.Tensor) -> None:
     """Divide an attention output projection's input (``attn_out`` or ``cross_out``) by s through V's rows."""
-    from ditquant.models.folding import fold_into_value as fold
-
     value, out = VALUES[name]
-    fold(block, s, value_name=value, output_name=out)
+    folding.fold_into_value(block, s, value_name=value, output_name=out)
 

@@ -61,4 +61,5 @@ def _leave_forward(model: nn.Module, args: tuple, output) -> None:
     model.__dict__["_timestep_scopes"].pop().__exit__(None, None, None)
 
 
-__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "known_roles", "quantize_model"]
+__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "known_roles",
+           "quantize_model"]
