@@ -7,6 +7,8 @@
 A row may compose configs with ``+`` (an ablation overlay after its method config); it is named after the last one.
 ``--model`` puts a model config in front of every row (the FP row included), as ``ditquant fit --config MODEL
 --config METHOD`` does; the method configs then override its settings as they override the bundled DiT's defaults.
+``--after`` puts a config after every quantized row's configs: the model config again, for a method config that
+sets its own sampler (Q-DiT's DDIM 50) where the table wants the model's protocol for every row.
 
 Runs ``ditquant test --config configs/fp.yaml`` and, per config, ``ditquant fit`` then ``ditquant test``, each in
 ``runs/quality/<name>``; prints a markdown table of FID vs data, FID vs FP, PSNR vs FP and calibration time
@@ -39,6 +41,8 @@ def main() -> None:
                    help="the FP row; e.g. configs/qdit_w4a8.yaml+configs/fp.yaml for the FP model under Q-DiT's "
                         "sampler (DDIM 50)")
     p.add_argument("--model", default=None, help="a model config in front of every row (default: the bundled DiT)")
+    p.add_argument("--after", default=None,
+                   help="a config after every quantized row's configs (e.g. the model config, to keep its sampler)")
     args = p.parse_args()
 
     rows = []
@@ -46,6 +50,7 @@ def main() -> None:
         configs = [Path(c) for c in row.split("+")]
         name = "fp" if i == 0 else configs[-1].stem
         configs = [Path(args.model), *configs] if args.model else configs
+        configs = [*configs, Path(args.after)] if args.after and name != "fp" else configs
         root = args.out / name
         common = [*(arg for c in configs for arg in ("--config", str(c))), "--trainer.default_root_dir", str(root),
                   "--data.num_test_samples", str(args.num_samples), "--trainer.enable_progress_bar", "false"]

@@ -25,7 +25,7 @@ from ditquant.export.calibrated import SEARCHED_LAYOUT, load_quantized, saved_se
 from ditquant.export.integer import load_integer as load_integer_model
 from ditquant.fit_loop import FitLoop
 from ditquant.io import InputPath, check_same, yaml_plain
-from ditquant.models.adapters import quantize_model
+from ditquant.models.adapters import adapter_for, quantize_model
 from ditquant.models.adapters.pixart import attach_prompts
 from ditquant.models.dit import DiTConfig
 from ditquant.models.loading import DiTSource, load_dit, weights_fingerprint
@@ -83,9 +83,6 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
             raise UserError("model.integer_float_dtype is for the integer backend (model.backend integer)")
         if load_integer is not None and load_quantized is not None:
             raise UserError("model.load_quantized and model.load_integer are exclusive: give one")
-        if pixart is not None and (backend == "integer" or load_integer is not None):
-            raise UserError("model.backend integer / model.load_integer: integer inference supports the DiT family "
-                            "so far (model.pixart is set)")
         self.dit_source, self.quant, self.sampler, self.evaluation = dit, quant, sampler, evaluation
         self.pixart_source = pixart
         self.reconstruction = reconstruction
@@ -125,7 +122,11 @@ class DiTQuantization(FitLoop, EvalLoop, L.LightningModule):
         self.transformer = loaded.transformer
         self._fingerprint = weights_fingerprint(self.transformer)  # the FP weights, before any method folds into them
         if self.load_integer is not None:  # the exported model samples; the transformer stays FP, as the reference
-            self._set_integer_transformer(load_integer_model(self.load_integer, self.quant, self.dit_config))
+            integer = load_integer_model(self.load_integer, self.quant,
+                                         adapter_for(self.transformer).architecture(self.transformer))
+            if self.pixart_source is not None:
+                attach_prompts(integer, loaded.prompts)
+            self._set_integer_transformer(integer)
         elif self.quant is not None:
             if self.load_quantized is not None and not any(getattr(self.quant, f) for f in SEARCHED_LAYOUT):
                 self.quant = replace(self.quant, **saved_searched_layout(self.load_quantized))

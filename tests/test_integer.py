@@ -203,7 +203,7 @@ def test_export_load_round_trip_and_mismatches(tmp_path):
     config = SETTINGS["W4A8 static per-tensor"]
     integer = to_integer(calibrated(config))
     save_integer(integer, tmp_path / "int", DiTSource(), config)
-    loaded = load_integer(tmp_path / "int", config, tiny_config())
+    loaded = load_integer(tmp_path / "int", config, tiny_config().to_dict())
     assert not any(t.is_meta for t in loaded.state_dict().values())
     assert all(isinstance(b.ff.net[0], FusedGELU) for m in (integer, loaded) for b in m.transformer_blocks)
     x, t, y = batch()
@@ -215,7 +215,7 @@ def test_export_load_round_trip_and_mismatches(tmp_path):
     with pytest.raises(ValueError, match="different quant"):
         load_integer(tmp_path / "int", SETTINGS["W8A8 symmetric"])
     with pytest.raises(ValueError, match="different architecture"):
-        load_integer(tmp_path / "int", config, tiny_config(depth=3))
+        load_integer(tmp_path / "int", config, tiny_config(depth=3).to_dict())
     with pytest.raises(FileNotFoundError, match="ditquant export"):
         load_integer(tmp_path / "missing")
     (tmp_path / "int" / "model.safetensors").write_bytes(b"not a safetensors file")

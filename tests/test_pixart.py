@@ -164,6 +164,14 @@ def test_every_rescalable_input_folds_exactly(loaded):
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert not torch.equal(model.transformer_blocks[0].modulation_multiplier, torch.ones(96))
 
+    # a block replayed from its captured inputs (block reconstruction) computes what it computes inside the model:
+    # the capture takes the call as made, before the block's own multiplier hook, which the replay runs once
+    from ditquant.calibration.capture import capture_input, replay, run_until_output
+
+    block = model.transformer_blocks[1]
+    signature, rows = capture_input(lambda: adapter.forward(model, x, t, y), block, batch=len(t))
+    assert torch.equal(replay(block, signature, rows), run_until_output(lambda: adapter.forward(model, x, t, y), block))
+
 
 @torch.no_grad()
 def test_w8a8_quantizes_self_and_cross_attention(loaded):
@@ -190,6 +198,29 @@ def test_w8a8_quantizes_self_and_cross_attention(loaded):
     assert names[:2] == ["pos_embed.proj", "adaln_single.emb.timestep_embedder.linear_1"]
     assert names[-3:] == ["transformer_blocks.0", "transformer_blocks.1", "proj_out"]
     assert all(any(q is m for _, u in adapter.units(model) for m in u.modules()) for q in quant_layers(model))
+
+
+def test_overrides_keep_cross_attention_in_floating_point(loaded):
+    """The ablation overlays: an override by attention name keeps the cross-attention's matmuls in floating
+    point (linears still quantized); by role, its text K/V projections."""
+    import copy
+    from dataclasses import replace
+
+    from ditquant.quant.config import LayerOverride
+
+    base = QuantConfig(weight=QuantSpec(bits=8, granularity="channel"), activation=QuantSpec(bits=8, dynamic=True),
+                       attention=QuantSpec(bits=8, dynamic=True))
+    matmuls = replace(base, overrides=[LayerOverride(layers=["transformer_blocks.*.attn2"],
+                                                     attention=QuantSpec(bits=16))])
+    model = quantize_model(copy.deepcopy(loaded.transformer), matmuls)
+    quantized = {n for n, m in model.named_modules() if isinstance(getattr(m, "processor", None), QuantAttnProcessor)}
+    assert quantized == {"transformer_blocks.0.attn1", "transformer_blocks.1.attn1"}
+    assert {"cross_q", "cross_kv", "cross_out"} <= {q.role for q in quant_layers(model)}
+    kv = replace(base, overrides=[LayerOverride(roles=["cross_kv"], weight=QuantSpec(bits=16),
+                                                activation=QuantSpec(bits=16))])
+    model = quantize_model(copy.deepcopy(loaded.transformer), kv)
+    assert not any(q.weight_quantizer.spec.enabled for q in quant_layers(model) if q.role == "cross_kv")
+    assert sum(isinstance(getattr(m, "processor", None), QuantAttnProcessor) for m in model.modules()) == 4
 
 
 def test_condition_index_out_of_range(loaded):
@@ -276,8 +307,21 @@ def test_fit_and_test_from_the_cli_with_a_prompts_file(tmp_path, pipeline_folder
     with np.load(out / "samples.npz") as archive:
         assert archive["arr_0"].shape == (6, 16, 16, 3) and archive["arr_1"].tolist() == [0, 1, 2, 0, 1, 2]
     assert json.loads((out / "metrics.json").read_text())["psnr_vs_fp"] > 0
-    with pytest.raises(SystemExit, match="supports the DiT family so far"):
-        run("export", str(tmp_path / "run"), "--out", str(tmp_path / "exported"))
+
+    # integer inference in process and from both export formats: the same samples
+    run("export", str(tmp_path / "run"))
+    run("export", str(tmp_path / "run"), "--format", "diffusers", "--out", str(tmp_path / "diffusers"))
+    ckpt = ["--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt")]
+    samples = {}
+    for name, extra in {"integer": ["--model.backend", "integer", *ckpt],
+                        "exported": ["--model.load_integer", str(tmp_path / "run" / "integer")]}.items():
+        run("test", *common, "--data.num_test_samples", "6", "--data.test_batch_size", "3",
+            "--trainer.default_root_dir", str(tmp_path / name), *extra)
+        samples[name] = np.load(tmp_path / name / "test" / "samples.npz")["arr_0"]
+    assert samples["integer"].tobytes() == samples["exported"].tobytes()
+    fake = np.load(out / "samples.npz")["arr_0"].astype(np.float64)
+    mse = np.mean((samples["integer"].astype(np.float64) - fake) ** 2)
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 30  # the same images up to rare code flips
     with pytest.raises(SystemExit, match="holds no prompts"):
         prompts.write_text("\n")
         run("test", *common, "--data.num_test_samples", "6")
@@ -316,3 +360,60 @@ def test_calibration_recipe_follows_the_prompts(tmp_path, pipeline_folder):
         paths.append(path)
     assert paths[0].name == paths[1].name and paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[2].name != paths[0].name
+
+
+def test_integer_pixart_agrees_per_block_and_loads_with_pixart_pipeline(tmp_path, pipeline_folder):
+    """A calibrated PixArt (smoothing folded into the per-block modulation multipliers and the value rows) in integer
+    form: every block reproduces the fake-quantized block; ``ditquant export --format diffusers`` writes a pipeline
+    folder that ``PixArtAlphaPipeline.from_pretrained`` loads into integer layers in a fresh process and that samples
+    exactly what ditquant's integer model samples."""
+    import subprocess
+    import sys
+
+    import ditquant as dq
+    from ditquant.export.command import main as export_main
+    from ditquant.export.calibrated import save_quantized
+    from ditquant.integer.agreement import block_sqnr
+    from ditquant.integer.convert import to_integer
+    from ditquant.integer.linear import IntLinear
+
+    loaded = load_pixart(PixArtSource(str(pipeline_folder)))
+    attach_prompts(loaded.transformer, loaded.prompts)
+    sampler = dq.SamplerConfig(kind="dpm_solver", num_steps=4, cfg_scale=4.5)
+    calibration = dq.calibration_set(loaded, sampler, num_timesteps=2, samples_per_timestep=4,
+                                     cache_dir=tmp_path / "calibration")
+    config = QuantConfig(weight=QuantSpec(bits=8, granularity="channel"), activation=QuantSpec(bits=8),
+                         attention=QuantSpec(bits=8))
+    model = loaded.transformer
+    dq.quantize(model, config)
+    dq.smooth(model, calibration)
+    dq.calibrate(model, calibration)
+    assert any(not torch.equal(b.modulation_multiplier, torch.ones_like(b.modulation_multiplier))
+               for b in model.transformer_blocks)  # the adaLN-single fold is in play
+    integer = to_integer(model)
+    x, t, y = _inputs(4)
+    assert min(block_sqnr(model, integer, x, t, y)) > 30
+
+    run = tmp_path / "run"
+    save_quantized(model, run / "quantized", loaded.source, config)
+    export_main([str(run), "--format", "diffusers", "--out", str(tmp_path / "diffusers")])
+    assert (tmp_path / "diffusers" / "model_index.json").is_file()
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = dq.diffusion.samplers.sample(integer, noise.clone(), torch.tensor([1]), sampler)
+    torch.save({"noise": noise, "expected": expected}, tmp_path / "expected.pt")
+    script = tmp_path / "fresh.py"
+    script.write_text(f"""
+import torch
+import ditquant  # registers quant_method "ditquant"
+from diffusers import PixArtAlphaPipeline
+from ditquant.integer.linear import IntLinear
+pipe = PixArtAlphaPipeline.from_pretrained({str(tmp_path / "diffusers")!r})
+assert sum(isinstance(m, IntLinear) for m in pipe.transformer.modules()) == \
+    {sum(isinstance(m, IntLinear) for m in integer.modules())}
+data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+latents = pipe({loaded.prompts.prompts[1]!r}, latents=data["noise"], num_inference_steps=4, guidance_scale=4.5,
+               height=16, width=16, output_type="latent", use_resolution_binning=False, clean_caption=False).images
+assert torch.equal(latents, data["expected"]), (latents - data["expected"]).abs().max()
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -75,9 +75,10 @@ def _run_until_hook(model_forward: Callable[[], Any], unit: nn.Module, register)
 
 def capture_input(model_forward: Callable[[], Any], unit: nn.Module, batch: int
                   ) -> tuple[CallSignature, dict[str, torch.Tensor]]:
-    """Run ``model_forward`` until ``unit`` is called; return how it was called and its batch tensors."""
+    """Run ``model_forward`` until ``unit`` is called; return how it was called and its batch tensors — the call
+    as made, before the unit's own pre-hooks (PixArt's modulation multiplier), which ``replay`` runs again."""
     return _run_until_hook(model_forward, unit, lambda m, record: m.register_forward_pre_hook(
-        lambda module, args, kwargs: record(_split(args, kwargs, batch)), with_kwargs=True))
+        lambda module, args, kwargs: record(_split(args, kwargs, batch)), with_kwargs=True, prepend=True))
 
 
 def run_until_output(model_forward: Callable[[], Any], unit: nn.Module) -> torch.Tensor:

@@ -6,13 +6,15 @@ QuantConfig are read from ``quantized/quantized.yaml``, the FP weights from that
 model exactly). ``--format integer`` (default) writes ditquant's folder (``load_integer``, ``ditquant test
 --model.load_integer``) to ``<RUN>/integer``; ``--format diffusers`` writes diffusers' layout to ``<RUN>/diffusers``
 (``DiTTransformer2DModel.from_pretrained`` after ``import ditquant``; a pipeline folder when the model source is one,
-for ``DiTPipeline.from_pretrained``), where ``--keep-float`` leaves the named quantized layers in floating point.
+for ``DiTPipeline.from_pretrained``; PixArt: ``PixArtTransformer2DModel`` / ``PixArtAlphaPipeline``), where
+``--keep-float`` leaves the named quantized layers in floating point.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -24,7 +26,9 @@ from ditquant.integer.convert import to_integer
 from ditquant.export.diffusers_format import save_diffusers
 from ditquant.export.integer import save_integer
 from ditquant.integer.linear import IntLinear
+from ditquant.models.adapters.pixart import attach_prompts
 from ditquant.models.loading import DiTSource, LoadedDiT, classify_source, load_dit
+from ditquant.models.pixart import LoadedPixArt, PixArtSource, load_pixart
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.apply import uncalibrated_layers
 from ditquant.export.calibrated import META, load_quantized
@@ -42,20 +46,33 @@ def quantized_folder(run: Path) -> Path:
                             "finish")
 
 
-def load_calibrated(folder: Path) -> tuple[LoadedDiT, DiTSource, QuantConfig]:
+def load_calibrated(folder: Path) -> tuple[LoadedDiT | LoadedPixArt, DiTSource | PixArtSource, QuantConfig]:
     """The calibrated model a fit saved in ``folder`` (``quantized/``): its source loaded, quantized with the
-    saved QuantConfig and given the saved state; refuses a model with uncalibrated layers."""
+    saved QuantConfig and given the saved state; refuses a model with uncalibrated layers. A PixArt model comes
+    with its prompts attached."""
     meta = yaml.safe_load((folder / META).read_text())
-    if "dit" not in meta:
-        raise UserError(f"{folder}: ditquant export supports the DiT family so far; this calibrated model is a "
-                        f"{next((k for k in meta if k not in ('format', 'quant', 'plan')), 'different')} model")
-    source, quant = DiTSource(**meta["dit"]), quant_config_from_dict(meta["quant"])
-    loaded = load_dit(source)
+    quant = quant_config_from_dict(meta["quant"])
+    if "pixart" in meta:
+        source = PixArtSource(**meta["pixart"])
+        loaded = load_pixart(source)
+        if loaded.prompts is not None:
+            attach_prompts(loaded.transformer, loaded.prompts)
+    else:
+        source = DiTSource(**meta["dit"])
+        loaded = load_dit(source)
     quantize_model(loaded.transformer, quant, init_weights=False)
     load_quantized(loaded.transformer, folder, source, quant)
     if missing := uncalibrated_layers(loaded.transformer):
         raise UserError(f"{folder}: {len(missing)} layers are not calibrated (e.g. {missing[0]})")
     return loaded, source, quant
+
+
+def pipeline_folder(loaded: LoadedDiT | LoadedPixArt) -> Optional[Path]:
+    """The pipeline folder the model was loaded from (its other components go with a diffusers export), if any."""
+    if isinstance(loaded, LoadedPixArt):
+        return loaded.pipeline
+    kind, path = classify_source(loaded.source.source)
+    return path if kind == "pipeline" else None
 
 
 def size_table(fake: torch.nn.Module, integer: torch.nn.Module) -> Table:
@@ -86,9 +103,7 @@ def main(argv: list[str]) -> None:
     integer = to_integer(loaded.transformer, keep_float=args.keep_float)
     out = args.out or folder.parent / args.format
     if args.format == "diffusers":
-        kind, path = classify_source(source.source)
-        save_diffusers(integer, out, source, quant, keep_float=args.keep_float,
-                       pipeline=path if kind == "pipeline" else None)
+        save_diffusers(integer, out, source, quant, keep_float=args.keep_float, pipeline=pipeline_folder(loaded))
     else:
         save_integer(integer, out, source, quant)
     Console(stderr=True).print(size_table(loaded.transformer, integer))

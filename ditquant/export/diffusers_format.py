@@ -1,6 +1,7 @@
 """ditquant as a diffusers quantization backend (``quant_method: "ditquant"``): an integer model saved in diffusers'
-own layout loads with ``DiTTransformer2DModel.from_pretrained`` (or inside ``DiTPipeline.from_pretrained``) into
-integer layers, without the FP weights, and ``save_pretrained`` writes it back.
+own layout loads with ``DiTTransformer2DModel.from_pretrained`` (or inside ``DiTPipeline.from_pretrained``; PixArt:
+``PixArtTransformer2DModel`` / ``PixArtAlphaPipeline``) into integer layers, without the FP weights, and
+``save_pretrained`` writes it back.
 
 Importing ``ditquant`` registers the backend in diffusers' quantizer tables, so in a fresh process::
 
@@ -39,7 +40,7 @@ from ditquant import interrupt
 from ditquant.errors import UserError
 from ditquant.export.integer import FORMAT, integer_layout, integer_skeleton
 from ditquant.integer.linear import IntLinear
-from ditquant.models.dit import DiTConfig, config_of, set_class_dropout, use_original_numerics
+from ditquant.models.adapters import adapter_for, adapter_named
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import QuantLayer
 
@@ -55,17 +56,20 @@ class DitQuantConfig(QuantizationConfigMixin):
 
     Args:
         quant: the QuantConfig as ``dataclasses.asdict`` writes it (with the searched per-layer layout).
-        architecture: the ``DiTConfig`` it was calibrated on.
+        architecture: the architecture it was calibrated on, as its family's adapter describes it (DiT: the
+            ``DiTConfig``; PixArt: the transformer's diffusers config).
         layers: the integer layers' layout (name -> in/out features, weight/activation spec, storage).
         original_numerics: the model runs with the original DiT numerics (``use_original_numerics``), as calibrated.
         modules_to_not_convert: quantized layers exported in floating point (``ditquant export --keep-float``).
         format: the layout version of the integer layers.
+        family: the model family (``dit``, ``pixart``).
     """
 
     def __init__(self, quant: dict, architecture: dict, layers: dict, original_numerics: bool = True,
-                 modules_to_not_convert: Optional[list[str]] = None, format: str = FORMAT, **kwargs):
+                 modules_to_not_convert: Optional[list[str]] = None, format: str = FORMAT, family: str = "dit",
+                 **kwargs):
         self.quant_method = DitQuantMethod.DITQUANT
-        self.quant, self.architecture, self.layers = quant, architecture, layers
+        self.quant, self.architecture, self.layers, self.family = quant, architecture, layers, family
         self.original_numerics = original_numerics
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.format = format
@@ -122,13 +126,11 @@ class DitQuantizer(DiffusersQuantizer):
             raise UserError(f"diffusers {diffusers.__version__} does not pass the checkpoint files to its quantizers "
                             "(maybe_update_loaded_keys); loading a ditquant model needs a newer diffusers")
         where = Path(self.checkpoint_files[0]).parent
-        architecture = DiTConfig(**config.architecture)
-        set_class_dropout(model, architecture.class_dropout_prob)  # a module attribute diffusers' config lacks
-        if config_of(model) != architecture:
-            raise UserError(f"{where}: config.json describes {config_of(model)}, but its quantization_config was made "
-                            f"for {architecture}")
-        if config.original_numerics:
-            use_original_numerics(model)
+        adapter = adapter_named(config.family)
+        if not adapter.matches(model):
+            raise UserError(f"{where}: its quantization_config is for a {config.family} model, but config.json "
+                            f"builds a {type(model).__name__}")
+        adapter.prepare_pretrained(model, config.architecture, str(where), original_numerics=config.original_numerics)
         stored_float = sorted(set(self.modules_to_not_convert) & set(config.layers))
         if stored_float:
             raise UserError(f"{where}: {stored_float} are stored as integer layers; modules_to_not_convert can only "
@@ -216,10 +218,11 @@ def save_diffusers(integer: nn.Module, folder: str | Path, source, quant: QuantC
                    keep_float: tuple[str, ...] = (), pipeline: Optional[Path] = None) -> Path:
     """Write ``integer`` (``to_integer``'s output) in diffusers' layout: a model folder, or, with ``pipeline`` (the
     source pipeline folder), that pipeline with its ``transformer/`` replaced. The folder appears whole or not at all."""
-    config = DitQuantConfig(quant=dataclasses.asdict(quant), architecture=config_of(integer).to_dict(),
+    adapter = adapter_for(integer)
+    config = DitQuantConfig(quant=dataclasses.asdict(quant), architecture=adapter.architecture(integer),
                             layers=integer_layout(integer),
                             original_numerics=bool(getattr(source, "original_numerics", True)),
-                            modules_to_not_convert=list(keep_float))
+                            modules_to_not_convert=list(keep_float), family=adapter.family)
     integer.register_to_config(quantization_config=config)
     integer.hf_quantizer = DitQuantizer(config)  # what from_pretrained attaches: save_pretrained checks it
     folder = Path(folder)

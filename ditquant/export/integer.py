@@ -1,5 +1,6 @@
-"""An integer DiT on disk: ``model.safetensors`` (int8 / packed int4 weights, scales, zero points, and the float
-parts that were never quantized) and ``integer.yaml`` (architecture, model source, QuantConfig, per-layer layout).
+"""An integer model on disk: ``model.safetensors`` (int8 / packed int4 weights, scales, zero points, and the float
+parts that were never quantized) and ``integer.yaml`` (architecture, model source — its key names the family, ``dit``
+or ``pixart`` —, QuantConfig, per-layer layout).
 
 ``load_integer`` rebuilds the model from the YAML alone — the architecture is built on the meta device and only the
 stored tensors are materialised, so the FP weights are neither needed nor allocated.
@@ -21,8 +22,8 @@ from ditquant.errors import UserError
 from ditquant.integer.convert import fuse_gelu, integer_shell
 from ditquant.integer.linear import IntLinear
 from ditquant.io import atomic_write, check_same, committed_folder, verify_folder, yaml_plain
-from ditquant.models.dit import DiTConfig, build_dit, config_of
-from ditquant.models.adapters import quantize_model
+from ditquant.export.calibrated import family_key
+from ditquant.models.adapters import adapter_for, adapter_named, quantize_model
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import QuantLayer
 
@@ -48,7 +49,8 @@ def save_integer(model: nn.Module, folder: str | Path, source, quant: QuantConfi
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # non-persistent buffers too (the positional embedding): the loader builds the architecture without computing them
     state.update({k: v.detach().cpu().contiguous() for k, v in model.named_buffers() if k not in state})
-    meta = {"format": FORMAT, "architecture": config_of(model).to_dict(), "dit": dataclasses.asdict(source),
+    meta = {"format": FORMAT, "architecture": adapter_for(model).architecture(model),
+            family_key(source): dataclasses.asdict(source),
             "quant": dataclasses.asdict(quant), "layers": layout}
     with committed_folder(folder, (WEIGHTS, META)) as folder:
         with atomic_write(folder / WEIGHTS) as tmp:
@@ -96,23 +98,29 @@ def read_integer_meta(folder: str | Path) -> dict:
     return meta
 
 
+def saved_family(meta: dict) -> str:
+    """The model family an export's description is for (the key its model source is saved under)."""
+    return "pixart" if "pixart" in meta else "dit"
+
+
 def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
-                 architecture: Optional[DiTConfig] = None) -> nn.Module:
-    """The integer DiT saved in ``folder``; ``quant`` / ``architecture``, if given, must be what it was made with."""
+                 architecture: Optional[dict] = None) -> nn.Module:
+    """The integer model saved in ``folder``; ``quant`` / ``architecture`` (the family adapter's ``architecture``
+    of the FP model), if given, must be what it was made with. A PixArt model needs its prompts attached
+    (``attach_prompts``) before it is called."""
     folder = Path(folder)
     meta = read_integer_meta(folder)
     saved_quant = quant_config_from_dict(meta["quant"])
-    saved_arch = DiTConfig(**meta["architecture"])
     if quant is not None and not quant.layer_group_sizes:  # a searched layout travels with the folder
         quant = dataclasses.replace(quant, layer_group_sizes=saved_quant.layer_group_sizes)
     saved, wanted = {}, {}
     if quant is not None:
         saved["quant"], wanted["quant"] = meta["quant"], yaml_plain(dataclasses.asdict(quant))
     if architecture is not None:
-        saved["architecture"], wanted["architecture"] = meta["architecture"], architecture.to_dict()
+        saved["architecture"], wanted["architecture"] = meta["architecture"], yaml_plain(architecture)
     check_same({"model": saved}, {"model": wanted}, str(folder / META))
     with torch.device("meta"):
-        model = integer_skeleton(build_dit(saved_arch), saved_quant)
+        model = integer_skeleton(adapter_named(saved_family(meta)).build(meta["architecture"]), saved_quant)
     try:
         state = load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as e:

@@ -15,19 +15,30 @@ def sqnr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def block_sqnr(fake: nn.Module, integer: nn.Module, *inputs) -> list[float]:
-    """SQNR (dB) of every integer block's output against the fake block's, on the fake model's block inputs."""
-    fake_blocks, int_blocks = adapter_for(fake).blocks(fake), adapter_for(integer).blocks(integer)
+def block_sqnr(fake: nn.Module, integer: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """SQNR (dB) of every integer block's output against the fake block's, on the fake model's block inputs, with
+    the denoiser called on (x, t, y) through its family's adapter."""
+    adapter = adapter_for(fake)
+    fake_blocks, int_blocks = adapter.blocks(fake), adapter_for(integer).blocks(integer)
     results: list[float] = []
+    inputs: dict[int, tuple] = {}
+
+    def record(index):  # the block's inputs as called, before its own pre-hooks (PixArt's modulation multiplier)
+        def hook(module, args, kwargs):
+            inputs[index] = (args, dict(kwargs))
+        return hook
 
     def compare(index):
         def hook(module, args, kwargs, output):
+            args, kwargs = inputs.pop(index)
             results.append(sqnr_db(output, int_blocks[index](*args, **kwargs)))
         return hook
 
-    handles = [b.register_forward_hook(compare(i), with_kwargs=True) for i, b in enumerate(fake_blocks)]
+    handles = [h for i, b in enumerate(fake_blocks)
+               for h in (b.register_forward_pre_hook(record(i), with_kwargs=True, prepend=True),
+                         b.register_forward_hook(compare(i), with_kwargs=True))]
     try:
-        fake(*inputs)
+        adapter.forward(fake, x, t, y)
     finally:
         for h in handles:
             h.remove()

@@ -112,6 +112,7 @@ class LoadedPixArt:
     description: str
     source: PixArtSource = field(default=None)
     prompts: Optional["PromptTable"] = None  # the source's prompts, encoded (None without a text encoder)
+    pipeline: Optional[Path] = None  # the pipeline folder the parts came from (None: a bare transformer folder)
 
     @property
     def config(self) -> DiTConfig:
@@ -169,7 +170,8 @@ def load_pixart(source: PixArtSource) -> LoadedPixArt:
                         f"{digest})")  # the text encoder's weights and the prompts, as the calibration set sees them
     return LoadedPixArt(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                         scheduler=scheduler, latent_scale=float(vae.config.scaling_factor) if vae else 1.0,
-                        vae_scale_factor=vae_scale, description=description, source=source, prompts=prompts)
+                        vae_scale_factor=vae_scale, description=description, source=source, prompts=prompts,
+                        pipeline=pipeline)
 
 
 def _load_vae(source: PixArtSource, pipeline: Optional[Path], latent_channels: int) -> Optional[AutoencoderKL]:

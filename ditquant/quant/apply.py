@@ -10,7 +10,7 @@ from rich.table import Table
 from torch import nn
 
 from ditquant.errors import UserError
-from ditquant.quant.attention import QuantAttnProcessor, quantize_attention
+from ditquant.quant.attention import QuantAttnProcessor, attention_names, quantize_attention
 from ditquant.quant.config import QuantConfig
 from ditquant.quant.modules import QuantLayer, activation_quantizers, quant_layers
 from ditquant.quant.plan import resolve_plan
@@ -49,7 +49,7 @@ def wrap_layers(model: nn.Module, config: QuantConfig, role_map: RoleMap, init_w
     ``ditquant.quantize_model``, which takes the role map from the model's family adapter."""
     if any(True for _ in quant_layers(model)):
         raise UserError("model is already quantized")
-    for name, layer_plan in resolve_plan(config, role_map.selected(config)).items():
+    for name, layer_plan in resolve_plan(config, role_map.selected(config), attention_names(model)).items():
         layer = model.get_submodule(name)
         try:
             wrapped = QuantLayer(layer, layer_plan.weight, layer_plan.input, name=name, role=layer_plan.role)
@@ -58,8 +58,7 @@ def wrap_layers(model: nn.Module, config: QuantConfig, role_map: RoleMap, init_w
         if init_weights:
             wrapped.init_weight_quantizer()
         _replace(model, name, wrapped)
-    if config.attention is not None and config.attention.enabled:
-        quantize_attention(model, config.attention)
+    quantize_attention(model, config.attention_spec_for)
     return model
 
 
@@ -100,7 +99,7 @@ def apply_plan(model: nn.Module, config: QuantConfig) -> list[str]:
     round-to-nearest. Returns the names of the changed layers."""
     changed = []
     layers = list(quant_layers(model))
-    plan = resolve_plan(config, {q.name: q.role for q in layers})
+    plan = resolve_plan(config, {q.name: q.role for q in layers}, attention_names(model))
     for q in layers:
         weight_spec, input_spec = plan[q.name].weight, plan[q.name].input
         if (weight_spec, input_spec) == (q.weight_quantizer.spec, q.input_quantizer.spec):

@@ -10,6 +10,7 @@ min–max range starts at 0). The softmax itself, the head split and the output 
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -54,13 +55,22 @@ class QuantAttnProcessor(nn.Module):
         return out / attn.rescale_output_factor
 
 
-def quantize_attention(model: nn.Module, spec: QuantSpec) -> int:
-    """Install a QuantAttnProcessor in every attention of ``model`` (self and cross); returns how many."""
+def attention_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s attention modules (what ``quant.overrides[].layers`` patterns with an attention
+    spec match)."""
+    from diffusers.models.attention_processor import Attention
+
+    return [name for name, m in model.named_modules() if isinstance(m, Attention)]
+
+
+def quantize_attention(model: nn.Module, spec_for: Callable[[str], Optional[QuantSpec]]) -> int:
+    """Install a QuantAttnProcessor in every attention of ``model`` (self and cross) that ``spec_for`` (attention
+    module name -> spec, or None to keep its matmuls in floating point) gives a spec; returns how many."""
     from diffusers.models.attention_processor import Attention
 
     count = 0
-    for module in model.modules():
-        if isinstance(module, Attention):
+    for name, module in model.named_modules():
+        if isinstance(module, Attention) and (spec := spec_for(name)) is not None:
             processor = QuantAttnProcessor(spec)
             processor.__dict__["replaced"] = module.processor  # not a submodule: never saved (see wrapped_view)
             module.set_processor(processor)

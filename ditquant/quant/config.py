@@ -21,12 +21,16 @@ class LayerOverride:
         layers: layer names or shell patterns (``transformer_blocks.27.*``) this override applies to.
         weight: weight spec for those layers (None keeps the default).
         activation: input-activation spec for those layers (None keeps the default).
+        attention: attention-matmul spec of the attention modules whose name matches one of ``layers`` (e.g.
+            ``transformer_blocks.*.attn2``, PixArt's cross-attentions; bits 16 keeps their matmuls in floating
+            point; None keeps ``quant.attention``).
     """
 
     roles: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     weight: Optional[QuantSpec] = None
     activation: Optional[QuantSpec] = None
+    attention: Optional[QuantSpec] = None
 
     def applies(self, role: str, name: str) -> bool:
         return role in self.roles or any(fnmatch.fnmatchcase(name, p) for p in self.layers)
@@ -73,7 +77,9 @@ class QuantConfig:
 
         weights = [("quant.weight", self.weight)] + [(f"quant.overrides[{i}].weight", o.weight)
                                                      for i, o in enumerate(self.overrides) if o.weight is not None]
-        for where, spec in weights + [("quant.attention", self.attention)]:
+        attention = [("quant.attention", self.attention)] + [(f"quant.overrides[{i}].attention", o.attention)
+                                                             for i, o in enumerate(self.overrides)]
+        for where, spec in weights + attention:
             if spec is not None and spec.timestep_groups > 1:
                 raise UserError(f"{where}.timestep_groups: per-timestep ranges are for layer inputs (quant.activation "
                                 "or an override's activation), not for weights or attention operands")
@@ -103,6 +109,15 @@ class QuantConfig:
             activation = replace(activation, bits=bits)
         return weight, activation
 
+    def attention_spec_for(self, name: str) -> Optional[QuantSpec]:
+        """The matmul spec of the attention module ``name`` (``quant.attention``, then the overrides whose
+        ``layers`` match the name); None where its matmuls stay in floating point."""
+        spec = self.attention
+        for o in self.overrides:
+            if o.attention is not None and any(fnmatch.fnmatchcase(name, p) for p in o.layers):
+                spec = o.attention
+        return spec if spec is not None and spec.enabled else None
+
     def label(self) -> str:
         return f"W{self.weight.bits}A{self.activation.bits}"
 
@@ -113,7 +128,8 @@ def quant_config_from_dict(d: dict) -> QuantConfig:
     return QuantConfig(weight=spec(d["weight"]), activation=spec(d["activation"]), roles=None if d.get("roles") is None else list(d["roles"]),
                        overrides=[LayerOverride(roles=list(o.get("roles") or []), layers=list(o.get("layers") or []),
                                                 weight=spec(o.get("weight")),
-                                                activation=spec(o.get("activation"))) for o in d.get("overrides", [])],
+                                                activation=spec(o.get("activation")),
+                                                attention=spec(o.get("attention"))) for o in d.get("overrides", [])],
                        attention=spec(d.get("attention")),
                        layer_group_sizes={k: int(v) for k, v in (d.get("layer_group_sizes") or {}).items()},
                        layer_activation_bits={k: int(v) for k, v in (d.get("layer_activation_bits") or {}).items()})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass
+from typing import Iterable
 
 from torch import nn
 
@@ -27,14 +28,18 @@ class LayerPlan:
     input: QuantSpec
 
 
-def resolve_plan(config: QuantConfig, layers: dict[str, str]) -> dict[str, LayerPlan]:
+def resolve_plan(config: QuantConfig, layers: dict[str, str], attentions: Iterable[str] = ()) -> dict[str, LayerPlan]:
     """The plan of the layers ``config`` quantizes among ``layers`` (name -> role, forward order); bad per-layer
-    options (a name that is no quantized layer, a group size where no spec is group-wise) are refused here."""
+    options (a name that is no quantized layer — nor, for an override with an attention spec, one of the model's
+    ``attentions`` —, a group size where no spec is group-wise) are refused here."""
+    attentions = list(attentions)
     for i, o in enumerate(config.overrides):
         for pattern in o.layers:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-                raise UserError(f"quant.overrides[{i}].layers: {pattern!r} matches no quantized layer of this model "
-                                f"(e.g. {', '.join(list(layers)[:3])})")
+            names = [*layers, *(attentions if o.attention is not None else ())]
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                what = "quantized layer or attention" if o.attention is not None else "quantized layer"
+                raise UserError(f"quant.overrides[{i}].layers: {pattern!r} matches no {what} of this model "
+                                f"(e.g. {', '.join(names[:3])})")
     for option in ("layer_group_sizes", "layer_activation_bits"):
         unknown = sorted(set(getattr(config, option)) - set(layers))
         if unknown:

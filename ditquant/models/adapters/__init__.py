@@ -33,6 +33,14 @@ def adapter_for(model: nn.Module) -> Adapter:
                     f"{', '.join(a.family for a in ADAPTERS)})")
 
 
+def adapter_named(family: str) -> Adapter:
+    """The adapter of the family called ``family`` (as exported models record it)."""
+    for adapter in ADAPTERS:
+        if adapter.family == family:
+            return adapter
+    raise UserError(f"unknown model family {family!r} (known: {', '.join(a.family for a in ADAPTERS)})")
+
+
 def known_roles() -> tuple[str, ...]:
     """Every layer role some family defines (options naming roles are checked against these before a model is
     loaded, and against the model's own when it is)."""
@@ -61,5 +69,5 @@ def _leave_forward(model: nn.Module, args: tuple, output) -> None:
     model.__dict__["_timestep_scopes"].pop().__exit__(None, None, None)
 
 
-__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "known_roles",
-           "quantize_model"]
+__all__ = ["ADAPTERS", "Adapter", "DiTAdapter", "PixArtAdapter", "RescalableInput", "adapter_for", "adapter_named",
+           "known_roles", "quantize_model"]

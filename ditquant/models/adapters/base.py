@@ -47,6 +47,20 @@ class Adapter:
         """A loaded model (transformer, VAE, config) from any source this family supports."""
         raise NotImplementedError
 
+    def architecture(self, model: nn.Module) -> dict:
+        """A plain description of ``model``'s architecture (what an exported model records, and ``build`` takes)."""
+        raise NotImplementedError
+
+    def build(self, architecture: dict) -> nn.Module:
+        """An untrained model of ``architecture``, made under the caller's device context (meta, to assign a saved
+        state), with everything a calibrated model's state holds beyond the family's own modules."""
+        raise NotImplementedError
+
+    def prepare_pretrained(self, model: nn.Module, architecture: dict, where: str, **options) -> None:
+        """Make a model diffusers built from an exported ``config.json`` the model ``architecture`` describes
+        (in place; a clear error naming ``where`` if it is another architecture)."""
+        raise NotImplementedError
+
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The denoiser's output for inputs x at timesteps t under condition y."""
         raise NotImplementedError

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditquant.errors import UserError
 from ditquant.models import folding, layout
+from ditquant.models.dit import DiTConfig, build_dit, config_of, set_class_dropout, use_original_numerics
 from ditquant.models.adapters.base import Adapter, RescalableInput
 from ditquant.quant.apply import RoleMap
 
@@ -29,6 +31,22 @@ class DiTAdapter(Adapter):
         from ditquant.models.loading import load_dit
 
         return load_dit(source)
+
+    def architecture(self, model: nn.Module) -> dict:
+        return config_of(model).to_dict()
+
+    def build(self, architecture: dict) -> nn.Module:
+        return build_dit(DiTConfig(**architecture))
+
+    def prepare_pretrained(self, model: nn.Module, architecture: dict, where: str,
+                           original_numerics: bool = True) -> None:
+        config = DiTConfig(**architecture)
+        set_class_dropout(model, config.class_dropout_prob)  # a module attribute diffusers' config lacks
+        if config_of(model) != config:
+            raise UserError(f"{where}: config.json describes {config_of(model)}, but its quantization_config was "
+                            f"made for {config}")
+        if original_numerics:
+            use_original_numerics(model)
 
     def forward(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # a model whose float parts run in another dtype (bf16) gets its input in it and gives float32 back

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ditquant.errors import UserError
+from ditquant.io import yaml_plain
 from ditquant.models import folding, pixart_layout
 from ditquant.models.adapters.base import Adapter, RescalableInput
 from ditquant.models.pixart import PromptTable
@@ -50,6 +51,24 @@ class PixArtAdapter(Adapter):
         from ditquant.models.pixart import load_pixart
 
         return load_pixart(source)
+
+    def architecture(self, model: nn.Module) -> dict:
+        return {k: yaml_plain(v) for k, v in model.config.items()
+                if not k.startswith("_") and k != "quantization_config"}  # diffusers' bookkeeping, an export's own
+
+    def build(self, architecture: dict) -> nn.Module:
+        from diffusers import PixArtTransformer2DModel
+
+        model = PixArtTransformer2DModel.from_config(architecture)
+        pixart_layout.install_modulation_multipliers(model)  # calibrated states hold the folded multipliers
+        return model
+
+    def prepare_pretrained(self, model: nn.Module, architecture: dict, where: str, **options) -> None:
+        if (built := self.architecture(model)) != architecture:
+            differ = sorted(k for k in built.keys() | architecture.keys() if built.get(k) != architecture.get(k))
+            raise UserError(f"{where}: config.json and its quantization_config describe different PixArt "
+                            f"transformers (they differ in {differ})")
+        pixart_layout.install_modulation_multipliers(model)
 
     def condition(self, model: nn.Module, y: torch.Tensor, x: torch.Tensor) -> dict:
         """The transformer's keyword arguments for condition indices ``y`` at inputs ``x``: the prompts'
