@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from ditquant.diffusion.training import DiffusionLoss
-from ditquant.io import atomic_write
 from ditquant.models.bundled import DIT_DIR
 from ditquant.models.bundled.fashion_mnist import load_fashion_mnist
+from ditquant.models.bundled.training_loop import LossLog, load_checkpoint, save_checkpoint, update_ema
 from ditquant.models.dit import DiTConfig, build_dit
 
 BUNDLED_CONFIG = DiTConfig(hidden_size=128, depth=8, num_heads=4, patch_size=4, input_size=28, in_channels=1,
@@ -94,18 +93,8 @@ def main(argv=None) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     loss_fn = DiffusionLoss()
-    step = 0
-    if args.checkpoint.is_file():
-        state = torch.load(args.checkpoint, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        torch.set_rng_state(state["rng"])
-        print(f"resumed at step {step}", flush=True)
-    args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-
-    start, running = time.time(), 0.0
+    step = load_checkpoint(args.checkpoint, model, ema, opt)
+    log = LossLog()
     while step < args.steps:
         idx = torch.randint(0, len(images), (args.batch_size,))
         x0, y = images[idx], labels[idx]
@@ -119,19 +108,11 @@ def main(argv=None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))  # EMA warm-up: early weights fade out quickly
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        update_ema(ema, model, step, args.ema)
         step += 1
-        running += loss.item()
-        if step % 50 == 0:
-            print(f"step {step} loss {running / 50:.4f} {(time.time() - start) / 50:.2f}s/step", flush=True)
-            start, running = time.time(), 0.0
+        log.add(step, loss.item())
         if step % args.save_every == 0 or step == args.steps:
-            with atomic_write(args.checkpoint) as tmp:
-                torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                            "step": step, "rng": torch.get_rng_state()}, tmp)
+            save_checkpoint(args.checkpoint, model, ema, opt, step)
             export(ema, args.out)
 
 

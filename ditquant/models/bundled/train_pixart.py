@@ -20,16 +20,15 @@ import copy
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import torch
 
 from ditquant.diffusion.training import DiffusionLoss
-from ditquant.io import atomic_write
 from ditquant.models.bundled import PIXART_DIR
 from ditquant.models.bundled.captions import caption, vocabulary
 from ditquant.models.bundled.fashion_mnist import load_fashion_mnist
+from ditquant.models.bundled.training_loop import LossLog, load_checkpoint, save_checkpoint, update_ema
 
 IMAGE_SIZE = 28
 MAX_TOKENS = 120  # PixArtAlphaPipeline's default max_sequence_length
@@ -77,24 +76,6 @@ def initialize_caption_path(transformer) -> None:
         torch.nn.init.zeros_(linear.bias)
 
 
-def _save(checkpoint: Path, state: dict) -> None:
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(checkpoint) as tmp:
-        torch.save(state, tmp)
-
-
-def _load(checkpoint: Path, modules: dict, opt) -> int:
-    if not checkpoint.is_file():
-        return 0
-    state = torch.load(checkpoint, weights_only=True)
-    for name, module in modules.items():
-        module.load_state_dict(state[name])
-    opt.load_state_dict(state["opt"])
-    torch.set_rng_state(state["rng"])
-    print(f"resumed at step {state['step']}", flush=True)
-    return state["step"]
-
-
 def _replace_folder(folder: Path, write) -> None:
     """Write a folder beside its destination, then swap it in (a reader never sees half of it)."""
     tmp = folder.with_name(folder.name + ".tmp")
@@ -115,8 +96,8 @@ def train_vae(args, images: torch.Tensor) -> None:
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     checkpoint = args.checkpoint_dir / "vae.pt"
-    step = _load(checkpoint, {"model": vae, "ema": ema}, opt)
-    start, running = time.time(), 0.0
+    step = load_checkpoint(checkpoint, vae, ema, opt)
+    log = LossLog("vae ")
     while step < args.vae_steps:
         x = (images[torch.randint(0, len(images), (args.vae_batch_size,))])
         posterior = vae.encode(x).latent_dist
@@ -125,17 +106,11 @@ def train_vae(args, images: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), vae.parameters()):
-                pe.lerp_(pm, 1 - min(args.ema, (1 + step) / (10 + step)))
+        update_ema(ema, vae, step, args.ema)
         step += 1
-        running += loss.item()
-        if step % 50 == 0:
-            print(f"vae step {step} loss {running / 50:.4f} {(time.time() - start) / 50:.2f}s/step", flush=True)
-            start, running = time.time(), 0.0
+        log.add(step, loss.item())
         if step % args.save_every == 0 or step == args.vae_steps:
-            _save(checkpoint, {"model": vae.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                               "step": step, "rng": torch.get_rng_state()})
+            save_checkpoint(checkpoint, vae, ema, opt, step)
     with torch.no_grad():  # SD's convention: latents × scaling_factor have unit variance
         latents = torch.cat([ema.encode((images[i:i + 1000])).latent_dist.mean for i in range(0, 10_000, 1000)])
     ema.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -179,10 +154,10 @@ def train_transformer(args, images: torch.Tensor, labels: torch.Tensor) -> None:
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     checkpoint = args.checkpoint_dir / "transformer.pt"
-    step = _load(checkpoint, {"model": model, "ema": ema}, opt)
+    step = load_checkpoint(checkpoint, model, ema, opt)
     loss_fn = DiffusionLoss()
     generator = torch.Generator().manual_seed(args.seed + step)  # captions: reproducible per resumed segment
-    start, running = time.time(), 0.0
+    log = LossLog()
     while step < args.steps:
         idx = torch.randint(0, len(images), (args.batch_size,))
         flip = torch.rand(len(idx)) < 0.5
@@ -198,18 +173,11 @@ def train_transformer(args, images: torch.Tensor, labels: torch.Tensor) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        update_ema(ema, model, step, args.ema)
         step += 1
-        running += loss.item()
-        if step % 50 == 0:
-            print(f"step {step} loss {running / 50:.4f} {(time.time() - start) / 50:.2f}s/step", flush=True)
-            start, running = time.time(), 0.0
+        log.add(step, loss.item())
         if step % args.save_every == 0 or step == args.steps:
-            _save(checkpoint, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                               "step": step, "rng": torch.get_rng_state()})
+            save_checkpoint(checkpoint, model, ema, opt, step)
             export_pipeline(ema, tokenizer, vae, args.out, step)
 
 
