@@ -32,6 +32,11 @@ def family_key(source) -> str:
     return "pixart" if type(source).__name__ == "PixArtSource" else "dit"
 
 
+def saved_family(meta: dict) -> str:
+    """The model family a saved description (quantized.yaml, integer.yaml) is for: the key its source is under."""
+    return "pixart" if "pixart" in meta else "dit"
+
+
 def _describe(source, quant, model: torch.nn.Module) -> dict:
     return {"format": FORMAT, family_key(source): dataclasses.asdict(source), "quant": dataclasses.asdict(quant),
             "plan": plan_as_dict(model_plan(model))}

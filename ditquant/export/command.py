@@ -31,7 +31,7 @@ from ditquant.models.loading import DiTSource, LoadedDiT, classify_source, load_
 from ditquant.models.pixart import LoadedPixArt, PixArtSource, load_pixart
 from ditquant.models.adapters import quantize_model
 from ditquant.quant.apply import uncalibrated_layers
-from ditquant.export.calibrated import META, load_quantized
+from ditquant.export.calibrated import META, load_quantized, saved_family
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import quant_layers
 
@@ -52,7 +52,7 @@ def load_calibrated(folder: Path) -> tuple[LoadedDiT | LoadedPixArt, DiTSource |
     with its prompts attached."""
     meta = yaml.safe_load((folder / META).read_text())
     quant = quant_config_from_dict(meta["quant"])
-    if "pixart" in meta:
+    if saved_family(meta) == "pixart":
         source = PixArtSource(**meta["pixart"])
         loaded = load_pixart(source)
         if loaded.prompts is not None:

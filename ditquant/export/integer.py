@@ -22,7 +22,7 @@ from ditquant.errors import UserError
 from ditquant.integer.convert import fuse_gelu, integer_shell
 from ditquant.integer.linear import IntLinear
 from ditquant.io import atomic_write, check_same, committed_folder, verify_folder, yaml_plain
-from ditquant.export.calibrated import family_key
+from ditquant.export.calibrated import family_key, saved_family
 from ditquant.models.adapters import adapter_for, adapter_named, quantize_model
 from ditquant.quant.config import QuantConfig, quant_config_from_dict
 from ditquant.quant.modules import QuantLayer
@@ -96,11 +96,6 @@ def read_integer_meta(folder: str | Path) -> dict:
         raise UserError(f"{meta_path}: not a ditquant integer model (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                         f"expected {FORMAT!r})")
     return meta
-
-
-def saved_family(meta: dict) -> str:
-    """The model family an export's description is for (the key its model source is saved under)."""
-    return "pixart" if "pixart" in meta else "dit"
 
 
 def load_integer(folder: str | Path, quant: Optional[QuantConfig] = None,
