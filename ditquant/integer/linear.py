@@ -99,10 +99,39 @@ def scale_groups(spec: QuantSpec, in_features: int) -> int:
     return in_features // spec.group_size if spec.granularity == "group" else 1
 
 
+@functools.cache
+def int8_dot_products() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AMX), which oneDNN's int8 kernels and
+    ``torch._int_mm`` need to be fast: without them (AVX2-only CPUs such as AMD Zen 1–3) oneDNN's quantized linear
+    runs a reference kernel (measured 12.6 s for one 256 × 1152 × 1152 GEMM) and ``torch._int_mm`` is ~25× slower
+    than a float32 matmul of the same shape."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
+
+
+FLOAT_EXACT_K = 2**24 // (128 * 128)  # int8 × int8 partial sums over this many channels are exact in float32
+
+
+def _float_exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 (m, k) × int8 (k, n) -> int32, equal to ``torch._int_mm``, as float32 GEMMs over slices of at most
+    ``FLOAT_EXACT_K`` channels: every |product| ≤ 2¹⁴, so each slice's sums stay below 2²⁴ and are exact in float32
+    whatever the summation order; the slices are added in int32."""
+    out = None
+    for start in range(0, a.shape[1], FLOAT_EXACT_K):
+        cols = slice(start, start + FLOAT_EXACT_K)
+        part = torch.mm(a[:, cols].float(), b[cols].float()).to(torch.int32)
+        out = part if out is None else out.add_(part)
+    return out
+
+
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (m, k) × int8 (k, n) -> int32, as ``torch._int_mm``; on CUDA, m ≤ 16 is padded (cuBLASLt needs m > 16)."""
+    """int8 (m, k) × int8 (k, n) -> int32, as ``torch._int_mm``; on CUDA, m ≤ 16 is padded (cuBLASLt needs m > 16);
+    on a CPU without int8 dot products (``int8_dot_products``), exact float32 GEMMs (``_float_exact_mm``), many
+    times faster there."""
     if a.is_cuda and a.shape[0] <= 16:
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - a.shape[0])), b)[: a.shape[0]]
+    if a.device.type == "cpu" and not torch.compiler.is_compiling() and not int8_dot_products():
+        return _float_exact_mm(a, b)
     return torch._int_mm(a, b)
 
 
@@ -145,9 +174,10 @@ def input_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: in
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's quantized linear for x86 CPUs."""
+    """Whether this torch build has oneDNN's quantized linear for x86 CPUs, on a CPU where it is fast
+    (``int8_dot_products``)."""
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+            and hasattr(torch.ops.onednn, "qlinear_pointwise") and int8_dot_products())
 
 
 def _version_key(tensors) -> tuple:
