@@ -122,8 +122,10 @@ class LowRankBranch(Branch):
 
     def __init__(self, left: torch.Tensor, right: torch.Tensor):
         super().__init__()
-        self.register_buffer(self.state_names[0], left)
-        self.register_buffer(self.state_names[1], right)
+        # contiguous as a loaded state is: a transposed SVD factor takes another GEMM kernel on some CPUs (AVX2),
+        # and the saved-and-loaded model would not compute bit for bit what the calibrated one did
+        self.register_buffer(self.state_names[0], left.contiguous())
+        self.register_buffer(self.state_names[1], right.contiguous())
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, self.state_names[0]), getattr(self, self.state_names[1])
