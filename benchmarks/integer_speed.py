@@ -11,9 +11,12 @@ Prints, each measured in this run with the variants interleaved (A/B/A/B…, med
    ran before its run options existed (eager input quantization, int4 unpacked per call, ``torch._int_mm``: the
    A/B against the previous main), with today's defaults (fused input quantization, oneDNN's quantized linear on
    x86 with the GELU fused, int4 kept unpacked) and float parts in fp32, and with its float parts (attention, norms,
-   embeddings, unquantized layers) in bf16 — on CPU also with ``torch._int_mm`` in place of oneDNN;
+   embeddings, unquantized layers) in bf16 — on CPU also with ``torch._int_mm`` in place of oneDNN, and with exact
+   float32 GEMMs on the int8 codes (the default on CPUs without int8 dot products, where ``--no-int-mm`` leaves out
+   the rows that run ``torch._int_mm``, "before" among them: minutes per forward there);
 2. per GEMM shape of a block at the largest batch: IntLinear (quantize + int GEMM + rescale) vs F.linear fp32, and
-   with bf16 input and output vs F.linear bf16, next to the bare ``torch._int_mm`` vs fp32 matmul ratio;
+   with bf16 input and output vs F.linear bf16, next to the bare ``torch._int_mm`` and exact float32 GEMM (on int8
+   codes) vs fp32 matmul ratios;
 3. bytes: safetensors file of the fp32 model vs the integer W8 / W4 exports (whole model, and the quantized
    weights alone), and the peak memory of a process that loads each file and runs one forward (batch 1).
 With ``--device cuda`` the float baselines are bf16 eager and bf16 + torch.compile.
@@ -37,7 +40,7 @@ from safetensors.torch import save_file
 
 from ditquant.integer.convert import to_integer
 from ditquant.export.integer import save_integer
-from ditquant.integer.linear import IntLinear, run_options
+from ditquant.integer.linear import IntLinear, _float_exact_mm, int8_dot_products, run_options
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.loading import DiTSource
 from ditquant.models.adapters import quantize_model
@@ -46,8 +49,8 @@ from ditquant.quant.modules import observing_activations
 from ditquant.quant.spec import QuantSpec
 
 XL = DiTConfig.named("DiT-XL/2", input_size=32)
-BEFORE = {"fused_quantization": False, "keep_unpacked": False, "onednn": False}  # the integer layer before its
-# run options existed: eager input quantization, int4 unpacked per call, torch._int_mm
+BEFORE = {"fused_quantization": False, "keep_unpacked": False, "onednn": False, "float_exact_gemm": False}
+# the integer layer before its run options existed: eager input quantization, int4 unpacked per call, torch._int_mm
 
 
 def configs() -> dict[str, QuantConfig]:
@@ -134,8 +137,8 @@ def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: i
     layers = {"qkv (to_q)": block.attn1.to_q, "attn out": block.attn1.to_out[0],
               "fc1 + GELU": block.ff.net[0].proj, "fc2": block.ff.net[2]}
     print(f"\n## per GEMM, {tokens} tokens (batch {batch}); speedup over F.linear fp32\n")
-    print("| layer | shape | IntLinear vs fp32 | IntLinear vs bf16 | bare _int_mm vs fp32 |")
-    print("|---|---|---|---|---|")
+    print("| layer | shape | IntLinear vs fp32 | IntLinear vs bf16 | bare _int_mm vs fp32 | bare float-exact GEMM vs fp32 |")
+    print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for name, layer in layers.items():
         assert isinstance(layer, IntLinear)
@@ -151,10 +154,10 @@ def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: i
         with torch.no_grad():
             t = interleaved({"fp32": lambda: linear(x, w, layer.bias), "int": lambda: layer(x),
                              "bf16": lambda: linear(xb, wb, bb), "int bf16": lambda: layer(xb),
-                             "mm32": lambda: x @ w.t(), "mm8": lambda: torch._int_mm(a8, w8.t())}, repeats,
-                            lambda: None)
+                             "mm32": lambda: x @ w.t(), "mm8": lambda: torch._int_mm(a8, w8.t()),
+                             "float exact": lambda: _float_exact_mm(a8, w8.t())}, repeats, lambda: None)
         print(f"| {name} | {tokens}×{layer.in_features}×{layer.out_features} | {t['fp32'] / t['int']:.2f}× | "
-              f"{t['bf16'] / t['int bf16']:.2f}× | {t['mm32'] / t['mm8']:.2f}× |")
+              f"{t['bf16'] / t['int bf16']:.2f}× | {t['mm32'] / t['mm8']:.2f}× | {t['mm32'] / t['float exact']:.2f}× |")
 
 
 def attention_table(config: DiTConfig, batch: int, repeats: int) -> None:
@@ -267,10 +270,13 @@ def main() -> None:
     p.add_argument("--compiled", action="store_true", help="add W8A8 (bf16 float parts) with every transformer "
                    "block under torch.compile (which runs torch._int_mm, not oneDNN)")
     p.add_argument("--skip-bytes", action="store_true")
+    p.add_argument("--no-int-mm", action="store_true", help="leave out the rows that run torch._int_mm on CPU "
+                   "(\"before\" among them): minutes per forward on a CPU without int8 dot products (AVX2 only)")
     args = p.parse_args()
     config = DiTConfig(**{**XL.to_dict(), "depth": args.depth})
     print(f"DiT-XL/2 architecture, depth {config.depth}, 256 px (latent 32×32×4, 256 tokens), random weights; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; CPU "
+          f"{torch.backends.cpu.get_cpu_capability()}, int8 dot products (VNNI / AMX): {int8_dot_products()}")
     fp = random_xl(config)
     quants = configs()
     integers = {name: integer_model(fp, q, config) for name, q in quants.items()}
@@ -287,11 +293,16 @@ def main() -> None:
         bf16.load_state_dict(fp.state_dict())
         models = {"fp32": (fp, torch.float32, None), "bf16": (bf16, torch.bfloat16, None)}
     for name, m in integers.items():  # A/B: the layer as it ran before (eager quantization, int4 unpacked per call)
-        models[f"{name} before (fp32 float parts)"] = (m.to(device), torch.float32, BEFORE)
+        if not args.no_int_mm:
+            models[f"{name} before (fp32 float parts)"] = (m.to(device), torch.float32, BEFORE)
         models[f"{name} (fp32 float parts)"] = (m, torch.float32, {})
         bf16_parts = copy.deepcopy(m).to(torch.bfloat16)
         if device == "cpu":
-            models[f"{name} (bf16 float parts, torch._int_mm)"] = (bf16_parts, torch.bfloat16, {"onednn": False})
+            if not args.no_int_mm:
+                models[f"{name} (bf16 float parts, torch._int_mm)"] = (bf16_parts, torch.bfloat16,
+                                                                       {"onednn": False, "float_exact_gemm": False})
+            models[f"{name} (bf16 float parts, float32 GEMMs)"] = (bf16_parts, torch.bfloat16,
+                                                                   {"onednn": False, "float_exact_gemm": True})
         models[f"{name} (bf16 float parts)"] = (bf16_parts, torch.bfloat16, {})
         if args.compiled and name == "W8A8":
             compiled = copy.deepcopy(bf16_parts)

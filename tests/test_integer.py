@@ -323,3 +323,29 @@ def test_onednn_quantized_linear_equals_int_mm(name):
             with run_options(keep_unpacked=False):
                 lean(x, t, y)
             assert all(m._prepacked is None and m._unpacked is None for m in lean.modules() if isinstance(m, IntLinear))
+
+
+def test_float_exact_int8_gemm_equals_int_mm(monkeypatch):
+    """CPUs without int8 dot products (AVX2 only) run the int8 GEMMs as float32 GEMMs over ≤ 1024-channel slices:
+    equal to ``torch._int_mm`` (the largest sums, −128 · −128 over every channel, included), and a whole integer
+    model gives the same output bit for bit either way."""
+    from ditquant.integer import linear
+
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in [(7, 64, 5), (33, 1025, 17), (20, 4608, 24)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+        a[0], b[:, 0] = -128, -128
+        assert torch.equal(linear._float_exact_mm(a, b), torch._int_mm(a, b))
+    integer = to_integer(calibrated(SETTINGS["W8A8 static per-tensor, attention quantized"]))
+    x, t, y = batch()
+    with torch.no_grad():
+        outputs = []
+        for float_exact in (True, False):
+            with linear.run_options(onednn=False, float_exact_gemm=float_exact):
+                outputs.append(integer(x, t, y).sample)
+        assert torch.equal(*outputs)
+        monkeypatch.setattr(linear, "int8_dot_products", lambda: False)  # an AVX2-only CPU: the float path, no oneDNN
+        assert not linear.onednn_linear_available.__wrapped__()
+        with linear.run_options(onednn=False):  # float_exact_gemm None: decided by the CPU
+            assert torch.equal(integer(x, t, y).sample, outputs[0])

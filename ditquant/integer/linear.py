@@ -64,11 +64,16 @@ class RunOptions:
             once into oneDNN's blocked layout (AMX / VNNI) and kept beside the stored one, and the rescale, bias
             and cast to the output dtype run inside the GEMM. Same integer products; the float rescale is oneDNN's
             (outputs equal ``torch._int_mm``'s up to float rounding). Off: ``torch._int_mm`` everywhere.
+            Only on CPUs with int8 dot products (``int8_dot_products``).
+        float_exact_gemm: on CPU, run the int8 GEMMs as exact float32 GEMMs (``_float_exact_mm``, equal to
+            ``torch._int_mm`` bit for bit) instead of ``torch._int_mm``. None (default): where the CPU has no int8
+            dot products, on which they are many times faster.
     """
 
     fused_quantization: bool = os.environ.get("DITQUANT_FUSED_QUANTIZATION", "1") != "0"
     keep_unpacked: bool = True
     onednn: bool = True
+    float_exact_gemm: Optional[bool] = None
 
 
 RUN = RunOptions()
@@ -126,11 +131,11 @@ def _float_exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 (m, k) × int8 (k, n) -> int32, as ``torch._int_mm``; on CUDA, m ≤ 16 is padded (cuBLASLt needs m > 16);
-    on a CPU without int8 dot products (``int8_dot_products``), exact float32 GEMMs (``_float_exact_mm``), many
-    times faster there."""
+    on CPU, exact float32 GEMMs (``_float_exact_mm``) where ``RunOptions.float_exact_gemm`` says so."""
     if a.is_cuda and a.shape[0] <= 16:
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - a.shape[0])), b)[: a.shape[0]]
-    if a.device.type == "cpu" and not torch.compiler.is_compiling() and not int8_dot_products():
+    if a.device.type == "cpu" and not torch.compiler.is_compiling() and (
+            not int8_dot_products() if RUN.float_exact_gemm is None else RUN.float_exact_gemm):
         return _float_exact_mm(a, b)
     return torch._int_mm(a, b)
 
