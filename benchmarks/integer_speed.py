@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from ditquant.integer.convert import to_integer
 from ditquant.export.integer import save_integer
-from ditquant.integer.linear import IntLinear, _float_exact_mm, int8_dot_products, run_options
+from ditquant.integer.linear import IntLinear, float_exact_mm, int8_dot_products, run_options
 from ditquant.models.dit import DiTConfig, build_dit
 from ditquant.models.loading import DiTSource
 from ditquant.models.adapters import quantize_model
@@ -155,7 +155,7 @@ def gemm_table(model: torch.nn.Module, config: DiTConfig, batch: int, repeats: i
             t = interleaved({"fp32": lambda: linear(x, w, layer.bias), "int": lambda: layer(x),
                              "bf16": lambda: linear(xb, wb, bb), "int bf16": lambda: layer(xb),
                              "mm32": lambda: x @ w.t(), "mm8": lambda: torch._int_mm(a8, w8.t()),
-                             "float exact": lambda: _float_exact_mm(a8, w8.t())}, repeats, lambda: None)
+                             "float exact": lambda: float_exact_mm(a8, w8.t())}, repeats, lambda: None)
         print(f"| {name} | {tokens}×{layer.in_features}×{layer.out_features} | {t['fp32'] / t['int']:.2f}× | "
               f"{t['bf16'] / t['int bf16']:.2f}× | {t['mm32'] / t['mm8']:.2f}× | {t['mm32'] / t['float exact']:.2f}× |")
 

@@ -336,7 +336,7 @@ def test_float_exact_int8_gemm_equals_int_mm(monkeypatch):
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
         a[0], b[:, 0] = -128, -128
-        assert torch.equal(linear._float_exact_mm(a, b), torch._int_mm(a, b))
+        assert torch.equal(linear.float_exact_mm(a, b), torch._int_mm(a, b))
     integer = to_integer(calibrated(SETTINGS["W8A8 static per-tensor, attention quantized"]))
     x, t, y = batch()
     with torch.no_grad():

@@ -65,7 +65,7 @@ class RunOptions:
             and cast to the output dtype run inside the GEMM. Same integer products; the float rescale is oneDNN's
             (outputs equal ``torch._int_mm``'s up to float rounding). Off: ``torch._int_mm`` everywhere.
             Only on CPUs with int8 dot products (``int8_dot_products``).
-        float_exact_gemm: on CPU, run the int8 GEMMs as exact float32 GEMMs (``_float_exact_mm``, equal to
+        float_exact_gemm: on CPU, run the int8 GEMMs as exact float32 GEMMs (``float_exact_mm``, equal to
             ``torch._int_mm`` bit for bit) instead of ``torch._int_mm``. None (default): where the CPU has no int8
             dot products, on which they are many times faster.
     """
@@ -117,7 +117,7 @@ def int8_dot_products() -> bool:
 FLOAT_EXACT_K = 2**24 // (128 * 128)  # int8 × int8 partial sums over this many channels are exact in float32
 
 
-def _float_exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def float_exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 (m, k) × int8 (k, n) -> int32, equal to ``torch._int_mm``, as float32 GEMMs over slices of at most
     ``FLOAT_EXACT_K`` channels: every |product| ≤ 2¹⁴, so each slice's sums stay below 2²⁴ and are exact in float32
     whatever the summation order; the slices are added in int32."""
@@ -131,12 +131,12 @@ def _float_exact_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """int8 (m, k) × int8 (k, n) -> int32, as ``torch._int_mm``; on CUDA, m ≤ 16 is padded (cuBLASLt needs m > 16);
-    on CPU, exact float32 GEMMs (``_float_exact_mm``) where ``RunOptions.float_exact_gemm`` says so."""
+    on CPU, exact float32 GEMMs (``float_exact_mm``) where ``RunOptions.float_exact_gemm`` says so."""
     if a.is_cuda and a.shape[0] <= 16:
         return torch._int_mm(F.pad(a, (0, 0, 0, 17 - a.shape[0])), b)[: a.shape[0]]
     if a.device.type == "cpu" and not torch.compiler.is_compiling() and (
             not int8_dot_products() if RUN.float_exact_gemm is None else RUN.float_exact_gemm):
-        return _float_exact_mm(a, b)
+        return float_exact_mm(a, b)
     return torch._int_mm(a, b)
 
 
