@@ -292,10 +292,10 @@ def test_onednn_quantized_linear_equals_int_mm(name):
     ``torch._int_mm``, a rescale in another float order; asymmetric 8-bit weights get their zero point's term."""
     import copy
 
-    from ditquant.integer.linear import onednn_linear_available, run_options
+    from ditquant.integer.linear import int8_dot_products, onednn_linear_available, run_options
 
-    if not onednn_linear_available():
-        pytest.skip("no oneDNN quantized linear in this torch build / CPU")
+    if not (onednn_linear_available() and int8_dot_products()):
+        pytest.skip("no oneDNN quantized linear in this torch build, or no int8 dot products (VNNI / AMX) on this CPU")
     integer = to_integer(calibrated(SETTINGS[name]))
     fc2 = integer.transformer_blocks[0].ff.net[2]
     x, t, y = batch()
@@ -345,7 +345,45 @@ def test_float_exact_int8_gemm_equals_int_mm(monkeypatch):
             with linear.run_options(onednn=False, float_exact_gemm=float_exact):
                 outputs.append(integer(x, t, y).sample)
         assert torch.equal(*outputs)
-        monkeypatch.setattr(linear, "int8_dot_products", lambda: False)  # an AVX2-only CPU: the float path, no oneDNN
-        assert not linear.onednn_linear_available.__wrapped__()
+        monkeypatch.setattr(linear, "int8_dot_products", lambda: False)  # an AVX2-only CPU: the float path
         with linear.run_options(onednn=False):  # float_exact_gemm None: decided by the CPU
             assert torch.equal(integer(x, t, y).sample, outputs[0])
+
+
+def test_onednn_unsigned_codes_without_int8_dot_products(monkeypatch):
+    """CPUs without int8 dot products (AVX2 only) run oneDNN's u8 × s8 kernel, with the codes made unsigned, where
+    it is exact: its int16 pair sums saturate unless 2 · max code · max |w| < 2¹⁵ (``pairs_fit_int16``). 4-bit
+    weights take it and agree with the exact float32 GEMMs up to the rescale's float order; per-channel 8-bit
+    weights keep the float32 GEMMs (same output bit for bit); weights at the bound (±64) with every code at its
+    maximum are exact."""
+    import copy
+
+    from ditquant.integer import linear
+
+    if not linear.onednn_linear_available():
+        pytest.skip("no oneDNN quantized linear in this torch build")
+    monkeypatch.setattr(linear, "int8_dot_products", lambda: False)
+    assert linear.pairs_fit_int16(255, 64) and not linear.pairs_fit_int16(255, 65)
+    x, t, y = batch()
+    w4 = to_integer(calibrated(SETTINGS["W4A8 static per-tensor"]))
+    w8 = to_integer(calibrated(SETTINGS["W8A8 symmetric"]))
+    with torch.no_grad():
+        with linear.run_options(onednn=False):
+            ref4, ref8 = w4(x, t, y).sample, w8(x, t, y).sample
+        out4 = w4(x, t, y).sample
+        fc2 = w4.transformer_blocks[0].ff.net[2]
+        assert fc2._prepacked is not None and fc2._prepacked[0][0]  # the path ran, with unsigned codes
+        assert sqnr_db(ref4, out4) > 100  # float rescale order only
+        bf16 = copy.deepcopy(w4).to(torch.bfloat16)
+        with linear.run_options(onednn=False):
+            ref16 = bf16(x.bfloat16(), t, y).sample.float()
+        assert sqnr_db(ref16, bf16(x.bfloat16(), t, y).sample.float()) > 30  # bf16 float parts either way
+        assert torch.equal(w8(x, t, y).sample, ref8)
+        assert all(m._prepacked is None for m in w8.modules() if isinstance(m, IntLinear))
+        layer = w8.transformer_blocks[0].ff.net[2]  # at the bound: same-sign pairs of 64 · the largest code
+        layer.weight.copy_(torch.where(torch.arange(layer.out_features)[:, None] % 2 == 0, 64, -64)
+                           .expand_as(layer.weight))
+        big = torch.full((8, layer.in_features), 1e3)
+        with linear.run_options(onednn=False):
+            ref = layer(big)
+        assert torch.allclose(layer(big), ref, rtol=1e-6, atol=0) and layer._prepacked is not None

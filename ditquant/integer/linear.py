@@ -61,10 +61,11 @@ class RunOptions:
             README, Integer inference).
         onednn: on x86 CPUs, run layers with a static per-tensor activation range and one scale per output channel
             as oneDNN's quantized linear (``torch.ops.onednn.qlinear_pointwise``): the int8 weight is reordered
-            once into oneDNN's blocked layout (AMX / VNNI) and kept beside the stored one, and the rescale, bias
+            once into oneDNN's blocked layout (AMX, VNNI or AVX2) and kept beside the stored one, and the rescale, bias
             and cast to the output dtype run inside the GEMM. Same integer products; the float rescale is oneDNN's
             (outputs equal ``torch._int_mm``'s up to float rounding). Off: ``torch._int_mm`` everywhere.
-            Only on CPUs with int8 dot products (``int8_dot_products``).
+            On CPUs without int8 dot products (``int8_dot_products``), only where that is exact
+            (``pairs_fit_int16``), with the codes made unsigned.
         float_exact_gemm: on CPU, run the int8 GEMMs as exact float32 GEMMs (``float_exact_mm``, equal to
             ``torch._int_mm`` bit for bit) instead of ``torch._int_mm``. None (default): where the CPU has no int8
             dot products, on which they are many times faster.
@@ -107,11 +108,21 @@ def scale_groups(spec: QuantSpec, in_features: int) -> int:
 @functools.cache
 def int8_dot_products() -> bool:
     """Whether this CPU has int8 dot-product instructions (AVX-512 VNNI or AMX), which oneDNN's int8 kernels and
-    ``torch._int_mm`` need to be fast: without them (AVX2-only CPUs such as AMD Zen 1–3) oneDNN's quantized linear
-    runs a reference kernel (measured 12.6 s for one 256 × 1152 × 1152 GEMM) and ``torch._int_mm`` is ~25× slower
-    than a float32 matmul of the same shape."""
+    ``torch._int_mm`` need to be fast: without them (AVX2-only CPUs such as AMD Zen 1–3) ``torch._int_mm`` is ~25×
+    slower than a float32 matmul of the same shape, and oneDNN's quantized linear runs a reference kernel for signed
+    activation codes (measured 12.6 s for one 256 × 1152 × 1152 GEMM) and saturates for large weights
+    (``pairs_fit_int16``)."""
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_vnni_supported", "_is_amx_tile_supported"))
+
+
+def pairs_fit_int16(max_activation: int, max_abs_weight: int) -> bool:
+    """Whether an int8 GEMM of unsigned activation codes (at most ``max_activation``) and int8 weights (|w| at most
+    ``max_abs_weight``) is exact on a CPU without int8 dot products. There oneDNN multiplies u8 × s8 with AVX2's
+    ``vpmaddubsw``, which adds each two neighbouring channels' products in int16 *with saturation*: 255 · 64 · 2
+    fits, 255 · 65 · 2 does not (measured: exact at |w| ≤ 64, off by 49,024 at 65). So 4-bit weights always fit
+    beside 8-bit activations, and per-channel 8-bit weights (|w| up to 127) never do."""
+    return 2 * max_activation * max_abs_weight <= 2**15 - 1
 
 
 FLOAT_EXACT_K = 2**24 // (128 * 128)  # int8 × int8 partial sums over this many channels are exact in float32
@@ -179,10 +190,10 @@ def input_codes(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, lo: in
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """Whether this torch build has oneDNN's quantized linear for x86 CPUs, on a CPU where it is fast
-    (``int8_dot_products``)."""
+    """Whether this torch build has oneDNN's quantized linear for x86 CPUs (on CPUs without int8 dot products it
+    is fast only for unsigned activation codes: ``IntLinear._runs_onednn``)."""
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.onednn, "qlinear_pointwise") and int8_dot_products())
+            and hasattr(torch.ops.onednn, "qlinear_pointwise"))
 
 
 def _version_key(tensors) -> tuple:
@@ -347,7 +358,8 @@ class IntLinear(nn.Module):
         w_scale = self._blockwise(self.weight_scale, blocks)
         w = self._unpack() if self.packed else self.weight  # not kept: the oneDNN path keeps its own copy
         sums = w.view(self.out_features, blocks, self.block).sum(-1, dtype=torch.int32).float()
-        constants = {"w_scale": w_scale, "sums": w_scale * sums, "offset": None, "c": None, "d": None}
+        constants = {"w_scale": w_scale, "sums": w_scale * sums, "offset": None, "c": None, "d": None,
+                     "max_abs_weight": None if compiling else max(-int(w.min()), int(w.max()))}  # pairs_fit_int16
         if self.weight_offset is not None:
             constants["offset"] = w_scale * self._blockwise(self.weight_offset, blocks)
         if self.input_scale is not None and self.input_spec.granularity == "tensor" and self.input_scale.numel() == 1:
@@ -367,7 +379,7 @@ class IntLinear(nn.Module):
         applied if given."""
         k = self._constants()
         blocks = self.in_features // self.block
-        if blocks == 1 and self._runs_onednn(codes):
+        if blocks == 1 and self._runs_onednn(codes, k):
             return self._onednn_matmul(codes, scale, zero, k, out_dtype, gelu)
         w = self.integer_weight()
         if blocks == 1:
@@ -383,31 +395,39 @@ class IntLinear(nn.Module):
             y = y if self.bias is None else y.add_(self.bias)
         return y if gelu is None else F.gelu(y, approximate=gelu)
 
-    def _runs_onednn(self, codes: torch.Tensor) -> bool:
-        """``RUN.onednn`` applies: x86 CPU, eager, one static activation range; and a reduction length that fills
-        oneDNN's int8 tiles (64 bytes): it runs a reference kernel, about 500× slower, for the 16-channel patches."""
+    def _runs_onednn(self, codes: torch.Tensor, k: dict) -> bool:
+        """``RUN.onednn`` applies: x86 CPU, eager, one static activation range; a reduction length that fills
+        oneDNN's int8 tiles (64 bytes): it runs a reference kernel, about 500× slower, for the 16-channel patches;
+        and, on a CPU without int8 dot products, weights small enough for its u8 × s8 kernel to be exact."""
         return (RUN.onednn and codes.device.type == "cpu" and self.in_features % 64 == 0
                 and (RUN.keep_unpacked or not self.packed)
                 and self.input_timestep_edges is None
                 and self.input_spec.granularity == "tensor" and self.input_scale is not None
-                and self.input_scale.numel() == 1 and not torch.compiler.is_compiling() and onednn_linear_available())
+                and self.input_scale.numel() == 1 and not torch.compiler.is_compiling() and onednn_linear_available()
+                and (int8_dot_products() or pairs_fit_int16(self.input_spec.qmax - code_shift(self.input_spec)
+                                                             + INT8_SHIFT, k["max_abs_weight"])))
 
     def _onednn_matmul(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: dict,
                        out_dtype: torch.dtype, gelu: Optional[str]) -> torch.Tensor:
-        key = _version_key((self.weight, self.weight_zero, self.weight_scale, self.input_scale, self.input_zero))
+        # without int8 dot products oneDNN is fast for unsigned codes only: c + 128, as bytes c ^ 0x80
+        unsigned = not int8_dot_products()
+        key = (unsigned, *_version_key((self.weight, self.weight_zero, self.weight_scale, self.input_scale,
+                                        self.input_zero)))
         if self._prepacked is None or self._prepacked[0] != key:
             w = self._unpack() if self.packed else self.weight  # the unpacked copy is not kept: oneDNN's is
             self._prepacked = (key, {
                 "weight": torch.ops.onednn.qlinear_prepack(w, None),
                 "w_scale": self.weight_scale[:, 0].float().contiguous(),
                 "w_zero": torch.zeros(self.out_features, dtype=torch.int64, device=w.device),  # w − z_w is stored
-                "x_scale": float(self.input_scale.reshape(())), "x_zero": int(zero.reshape(()))})
+                "x_scale": float(self.input_scale.reshape(())),
+                "x_zero": int(zero.reshape(())) + (INT8_SHIFT if unsigned else 0)})
         p = self._prepacked[1]
+        gemm_codes = codes.view(torch.uint8).bitwise_xor(0x80) if unsigned else codes
         if k["offset"] is None:  # the GELU runs on the float32 result inside the GEMM (a oneDNN post-op)
             return torch.ops.onednn.qlinear_pointwise(
-                codes, p["x_scale"], p["x_zero"], p["weight"], p["w_scale"], p["w_zero"], self.bias, 1.0, 0,
+                gemm_codes, p["x_scale"], p["x_zero"], p["weight"], p["w_scale"], p["w_zero"], self.bias, 1.0, 0,
                 out_dtype, "none" if gelu is None else "gelu", [], "" if gelu is None else gelu)
-        y = torch.ops.onednn.qlinear_pointwise(codes, p["x_scale"], p["x_zero"], p["weight"], p["w_scale"],
+        y = torch.ops.onednn.qlinear_pointwise(gemm_codes, p["x_scale"], p["x_zero"], p["weight"], p["w_scale"],
                                                p["w_zero"], self.bias, 1.0, 0, torch.float32, "none", [], "")
         # oneDNN took the weights as w − 128: the zero point's term, GELU and cast in one fused pass
         return _maybe_fused(_eager_corrected, y, self._centred_row_sums(codes, scale, zero), k["offset"][:, 0],
