@@ -7,7 +7,9 @@ Each RUN is a ``default_root_dir`` where ``ditquant fit`` and ``ditquant test`` 
 every transformer block is compared with its fake-quantized self on the same inputs — the fake model's block inputs
 along the FP sampler's trajectory (8 labels, 5 of the sampler's steps); then ``ditquant test --model.backend
 integer`` samples with the run's own resolved config into ``RUN-integer`` and its metrics are printed next to the
-fake-quantized ones.
+fake-quantized ones. ``--noise-floor`` also samples the fake-quantized model again with every initial noise scaled by
+1 + 1e-6 (into ``RUN-perturbed``): how far the test metrics move from float rounding alone, the yardstick for the
+integer model's difference (which computes the same codes with a different float summation order).
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr
 from ditquant.export.command import load_calibrated, quantized_folder
 from ditquant.integer.convert import to_integer
+
+# ``ditquant test`` with the initial noise of every sample scaled by 1 + 1e-6 (the step noise unchanged)
+PERTURBED_TEST = """
+import sys
+import ditquant.evaluation.sampling as sampling
+from ditquant.cli import main
+drawn = sampling.seeded_noise
+sampling.seeded_noise = lambda indices, shape, seed, stream: drawn(indices, shape, seed, stream) * (
+    1 + 1e-6 if stream == 0 else 1)
+main(sys.argv[1:])
+"""
 
 
 def block_agreement(run: Path, sampler: SamplerConfig, steps: int = 5) -> list[float]:
@@ -52,15 +65,18 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--blocks-only", action="store_true", help="per-block SQNR only (no integer test run)")
+    p.add_argument("--noise-floor", action="store_true", help="also test the fake-quantized model with its initial "
+                   "noise scaled by 1 + 1e-6 (the float-rounding yardstick)")
     p.add_argument("--fp-reference", type=Path, help="an FP test folder for the integer runs' FID / PSNR vs FP "
                    "(model.evaluation.fp_reference) instead of sampling the FP model again")
     args = p.parse_args()
     rows = []
 
-    def test_once(run: Path, config: Path, out: Path, *overrides: str) -> dict:
+    def test_once(run: Path, config: Path, out: Path, *overrides: str, perturbed: bool = False) -> dict:
         """``ditquant test`` of ``run``'s checkpoint with its own config and ``overrides`` into ``out`` (once)."""
         if not (out / "test" / "metrics.json").is_file():
-            subprocess.run([sys.executable, "-m", "ditquant", "test", "--config", str(config),
+            command = ["-c", PERTURBED_TEST] if perturbed else ["-m", "ditquant"]
+            subprocess.run([sys.executable, *command, "test", "--config", str(config),
                             "--trainer.default_root_dir", str(out), "--ckpt_path",
                             str(run / "checkpoints" / "last.ckpt"), "--data.num_test_samples", str(args.num_samples),
                             "--trainer.enable_progress_bar", "false", *overrides,
@@ -78,17 +94,22 @@ def main() -> None:
             continue
         fake = json.loads((run / "test" / "metrics.json").read_text())
         integer = test_once(run, config, run.parent / f"{run.name}-integer", "--model.backend", "integer")
-        rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer))
+        perturbed = (test_once(run, config, run.parent / f"{run.name}-perturbed", perturbed=True)
+                     if args.noise_floor else None)
+        rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer, perturbed))
     if not rows:
         return
     print(f"\n{args.num_samples} samples; block SQNR over {len(sqnr)} block calls per run\n")
-    print("| run | block SQNR min / mean (dB) | FID vs data fake / integer (difference) | FID vs FP fake / integer "
-          "| PSNR vs FP fake / integer (dB) |")
-    print("|---|---|---|---|---|")
-    for name, lo, mean, f, i in rows:
+    floor = args.noise_floor
+    print("| run | block SQNR min / mean (dB) | FID vs data fake / integer (difference) "
+          + ("| FID vs data, fake with noise × (1 + 1e-6) (difference) " if floor else "")
+          + "| FID vs FP fake / integer | PSNR vs FP fake / integer (dB) |")
+    print("|---|---|---|" + ("---|" if floor else "") + "---|---|")
+    for name, lo, mean, f, i, q in rows:
+        perturbed = f" {q['fid_vs_data']:.3f} ({q['fid_vs_data'] - f['fid_vs_data']:+.3f}) |" if floor else ""
         print(f"| {name} | {lo:.1f} / {mean:.1f} | {f['fid_vs_data']:.3f} / {i['fid_vs_data']:.3f} "
-              f"({i['fid_vs_data'] - f['fid_vs_data']:+.3f}) | {f['fid_vs_fp']:.3f} / {i['fid_vs_fp']:.3f} | "
-              f"{f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |")
+              f"({i['fid_vs_data'] - f['fid_vs_data']:+.3f}) |{perturbed} {f['fid_vs_fp']:.3f} / {i['fid_vs_fp']:.3f} "
+              f"| {f['psnr_vs_fp']:.2f} / {i['psnr_vs_fp']:.2f} |")
 
 
 if __name__ == "__main__":
