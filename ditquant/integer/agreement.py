@@ -3,9 +3,14 @@ same input (the fake model's), so differences do not compound from block to bloc
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import ditquant.quant.modules as quant_modules
 from ditquant.models.adapters import adapter_for
 
 
@@ -43,3 +48,34 @@ def block_sqnr(fake: nn.Module, integer: nn.Module, x: torch.Tensor, t: torch.Te
         for h in handles:
             h.remove()
     return results
+
+
+class _ReorderedFunctional:
+    """``torch.nn.functional`` as the quantized layers see it, with ``linear`` summing over a permutation of the input
+    channels (the same one for the activation and the weight), drawn per width from ``seed``."""
+
+    def __init__(self, seed: int):
+        self.seed, self.orders = seed, {}
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        n = w.shape[1]
+        if n not in self.orders:
+            self.orders[n] = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + n))
+        order = self.orders[n].to(w.device)
+        return F.linear(x.index_select(-1, order), w.index_select(1, order), bias)
+
+
+@contextlib.contextmanager
+def reordered_sums(seed: int) -> Iterator[None]:
+    """While inside, every fake-quantized linear sums its products in another order (seeded): the same arithmetic as
+    the fake-quantized model, rounded differently — the yardstick for how far the integer model's exact int32 sums
+    may move results that pass through rounding boundaries (codes) at every layer and step."""
+    original = quant_modules.F
+    quant_modules.F = _ReorderedFunctional(seed)
+    try:
+        yield
+    finally:
+        quant_modules.F = original
