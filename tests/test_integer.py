@@ -95,7 +95,6 @@ def test_integer_model_matches_fake_quantization(name):
             assert sqnr_db(expected, layer(inp)) > 90, q.name
 
 
-
 def test_reordered_sums_round_differently_and_restore():
     """The agreement yardstick: the fake-quantized model with its sums in another order computes the same function,
     rounded differently, and only while inside the context."""
@@ -107,6 +106,7 @@ def test_reordered_sums_round_differently_and_restore():
             reordered = model(x, t, y).sample
         assert torch.equal(model(x, t, y).sample, reference)
     assert not torch.equal(reordered, reference) and sqnr_db(reference, reordered) > 60
+
 
 def test_fused_input_quantization_gives_the_eager_codes():
     """The compiled one-kernel quantization (the default outside the test suite) against the eager arithmetic, for
