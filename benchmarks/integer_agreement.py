@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from ditquant.diffusion.samplers import SamplerConfig, sample
 from ditquant.integer.agreement import block_sqnr
@@ -65,11 +66,11 @@ def block_agreement(run: Path, sampler: SamplerConfig, steps: int = 5) -> list[f
 
 
 def sample_psnr(test: Path, reference: Path) -> np.ndarray:
-    """PSNR (dB, 8-bit pixels) of every sample in ``test/samples.npz`` against the same sample in ``reference``'s."""
+    """PSNR (dB, 8-bit pixels) of every sample in ``test/samples.npz`` against the same sample in ``reference``'s
+    (inf where identical)."""
     with np.load(test / "samples.npz") as a, np.load(reference / "samples.npz") as b:
-        x, y = a["arr_0"].astype(np.float64), b["arr_0"].astype(np.float64)
-    mse = ((x - y) ** 2).reshape(len(x), -1).mean(1)
-    return 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12))  # 120 dB: identical
+        x, y = torch.from_numpy(a["arr_0"]).double(), torch.from_numpy(b["arr_0"]).double()
+    return peak_signal_noise_ratio(x, y, data_range=255.0, reduction="none", dim=tuple(range(1, x.dim()))).numpy()
 
 
 def main() -> None:
@@ -84,7 +85,7 @@ def main() -> None:
     args = p.parse_args()
     fid_rows, divergence_rows = [], []
 
-    def test_once(run: Path, config: Path, out: Path, *overrides: str, wrapper: list[str] = ()) -> dict:
+    def test_once(run: Path, config: Path, out: Path, *overrides: str, wrapper: tuple[str, ...] = ()) -> dict:
         """``ditquant test`` of ``run``'s checkpoint with its own config and ``overrides`` into ``out`` (once), run
         through ``wrapper`` (``-c SCRIPT ARGS...``) if given; returns the test folder and its metrics."""
         if not (out / "test" / "metrics.json").is_file():
@@ -107,7 +108,7 @@ def main() -> None:
         fake = {"folder": run / "test", **json.loads((run / "test" / "metrics.json").read_text())}
         integer = test_once(run, config, run.parent / f"{run.name}-integer", "--model.backend", "integer")
         reordered = [test_once(run, config, run.parent / f"{run.name}-reordered-{k}",
-                               wrapper=["-c", REORDERED_TEST, str(k)]) for k in range(1, args.reorder + 1)]
+                               wrapper=("-c", REORDERED_TEST, str(k))) for k in range(1, args.reorder + 1)]
         fid_rows.append((run.name, min(sqnr), sum(sqnr) / len(sqnr), fake, integer, reordered))
         for label, test in [("integer", integer), *((f"fake, order {k}", q) for k, q in enumerate(reordered, 1))]:
             psnr = sample_psnr(test["folder"], fake["folder"])
@@ -135,6 +136,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, label, median, below, above, n in divergence_rows:
         print(f"| {name} | {label} | {median:.1f} | {below} / {n} | {above} / {n} |")
+
 
 if __name__ == "__main__":
     main()
